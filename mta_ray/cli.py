@@ -1,0 +1,121 @@
+"""The ``mta-ray`` command line: one sub-command per pipeline stage.
+
+Run: ``mta-ray <command> CONFIG [--out DIR] [key=value ...]``, e.g.
+``mta-ray run configs/demo.yaml --out runs/demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, load_config
+from .errors import EXIT_INPUT_ERROR, InputError, NotBuiltError
+
+EXIT_NOT_BUILT = 3
+
+OVERVIEW = """\
+Merge-then-Adapt (MTA) personalisation of an LLM for every user, on Ray.
+
+Stages (each reads the previous one's files in --out and skips work already done):
+  prepare      LaMP / processed / synthetic users -> users.parquet
+  embed        sentence-encoder embeddings per user -> embeddings.parquet
+  cluster      K-Means over users, one anchor per cluster -> anchors.parquet
+  bank         one LoRA per anchor (Ray actors) -> bank/
+  personalize  merge top-K anchors + train a stacked rank-4 adapter per user -> adapters/
+  evaluate     LaMP metrics for MTA and baselines -> report.json, report.md
+  run          all of the above in order
+  bench        throughput / scalability benchmarks -> JSON
+  export       one user's personalised model as a PEFT adapter
+
+Every command takes a YAML config (see configs/) and key=value overrides,
+e.g. `mta-ray prepare configs/lamp/lamp2.yaml data.path=FILE adapt.lr=5e-5`.
+Bad input is reported on one line and exits with code 2.
+"""
+
+STAGES = ("prepare", "embed", "cluster", "bank", "personalize", "evaluate")
+
+
+def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
+    from .prepare import run_prepare
+
+    t0 = time.time()
+    s = run_prepare(cfg, args.out, force=args.force)
+    if s["skipped"]:
+        print(f"prepare: {s['path']} is up to date ({s['users']} users); --force to rebuild")
+    else:
+        print(f"prepare: {s['users']} users, {s['history_items']} history items, {s['queries']} queries "
+              f"({s['task']}) -> {s['path']} in {time.time() - t0:.1f}s")
+    return 0
+
+
+def _not_built(name: str, issue: str) -> Callable[[Config, argparse.Namespace], int]:
+    def run(cfg: Config, args: argparse.Namespace) -> int:
+        raise NotBuiltError(f"`mta-ray {name}` is not built yet ({issue})")
+    return run
+
+
+def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
+    _cmd_prepare(cfg, args)
+    missing = [s for s in STAGES if s != "prepare"]
+    print(f"run: ran prepare; stages not built yet: {', '.join(missing)} (pipeline issue). "
+          "Nothing else to do.")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
+    "prepare": (_cmd_prepare, "read LaMP/processed/synthetic users into <out>/users.parquet"),
+    "embed": (_not_built("embed", "pipeline issue"), "embed users' histories (Ray Data)"),
+    "cluster": (_not_built("cluster", "pipeline issue"), "K-Means users and pick anchors"),
+    "bank": (_not_built("bank", "pipeline issue"), "train one LoRA per anchor (Ray actors)"),
+    "personalize": (_not_built("personalize", "pipeline issue"), "merge-then-adapt every user"),
+    "evaluate": (_not_built("evaluate", "pipeline issue"), "LaMP metrics for MTA and baselines"),
+    "run": (_cmd_run, "all stages in order"),
+    "bench": (_not_built("bench", "LoRA engine issue"), "throughput / scalability benchmarks"),
+    "export": (_not_built("export", "pipeline issue"), "write one user's model as a PEFT adapter"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mta-ray", description=OVERVIEW,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=f"mta-ray {name}: {help_text}.",
+                           epilog="Overrides are dotted keys of the config, e.g. data.path=FILE "
+                                  "merge.top_k=3; unknown keys are errors.")
+        if name == "bench":
+            p.add_argument("kind", choices=["throughput", "scalability"], help="which benchmark")
+        p.add_argument("config", help="YAML config file (see configs/)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        p.add_argument("--out", type=Path, default=None,
+                       help="output folder (default: runs/<config name>)")
+        if name in ("prepare", "run"):
+            p.add_argument("--force", action="store_true", help="rebuild outputs that are up to date")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        args.out = Path("runs") / Path(args.config).stem
+    try:
+        cfg = load_config(args.config, args.overrides)
+        handler, _ = COMMANDS[args.command]
+        return handler(cfg, args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except NotBuiltError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NOT_BUILT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

