@@ -1,0 +1,172 @@
+"""A linear layer that serves S user slots at once.
+
+Each wrapped linear keeps the frozen base weight (shared by all users) and, per
+slot, a frozen merged branch (rank R, may be 0) and a trainable stacked branch
+(rank r). Every row of the batch is computed with its own slot's factors by
+batched matmuls; there is no Python loop over users in the forward pass:
+
+    y[n] = W0 x[n] + B_m[s] A_m[s] x[n] + scale * B_a[s] A_a[s] x[n],   s = rows[n]
+
+Trainable factors are kept in float32 (the optimizer's master copy) and cast
+to the activations' dtype for compute, as PEFT does for bf16 models.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .lora import Lora, LoraPair
+
+
+class SlotRouter:
+    """Which slot each batch row uses; one router is shared by every layer of a model."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None  # (N,) long, or None = base model only
+
+
+class MultiSlotLinear(nn.Module):
+    def __init__(self, base: nn.Linear, router: SlotRouter, slots: int, rank: int,
+                 merged_rank: int = 0, scale: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        self.router = router
+        self.scale = scale
+        self.dropout = dropout
+        dev = base.weight.device
+        out_f, in_f = base.out_features, base.in_features
+        self.lora_A = nn.Parameter(torch.zeros(slots, rank, in_f, device=dev))      # (S, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(slots, out_f, rank, device=dev))     # (S, out, r)
+        dt = base.weight.dtype
+        self.register_buffer("merged_A", torch.zeros(slots, merged_rank, in_f, device=dev, dtype=dt),
+                             persistent=False)                                      # (S, R, in)
+        self.register_buffer("merged_B", torch.zeros(slots, out_f, merged_rank, device=dev, dtype=dt),
+                             persistent=False)                                      # (S, out, R)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        rows = self.router.rows
+        if rows is None:
+            return y
+        squeeze = x.dim() == 2
+        if squeeze:
+            x, y = x.unsqueeze(1), y.unsqueeze(1)
+        A = self.lora_A.to(x.dtype)
+        B = self.lora_B.to(x.dtype) * self.scale
+        if self.dropout > 0 and torch.is_grad_enabled():
+            xa = F.dropout(x, self.dropout, training=True)
+            h = torch.bmm(xa, A.index_select(0, rows).transpose(1, 2))             # (N, T, r)
+            y = y + torch.bmm(h, B.index_select(0, rows).transpose(1, 2))
+            if self.merged_A.shape[1]:
+                hm = torch.bmm(x, self.merged_A.index_select(0, rows).transpose(1, 2))
+                y = y + torch.bmm(hm, self.merged_B.index_select(0, rows).transpose(1, 2))
+        else:
+            if self.merged_A.shape[1]:  # one pass over x for both branches
+                A = torch.cat([self.merged_A, A], dim=1)                            # (S, R+r, in)
+                B = torch.cat([self.merged_B, B], dim=2)                            # (S, out, R+r)
+            h = torch.bmm(x, A.index_select(0, rows).transpose(1, 2))              # (N, T, R+r)
+            y = y + torch.bmm(h, B.index_select(0, rows).transpose(1, 2))          # (N, T, out)
+        return y.squeeze(1) if squeeze else y
+
+
+def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Paths of the linear layers to adapt: by last name, or ``all-linear`` (all but the LM head)."""
+    targets = list(targets)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        if "all-linear" in targets or name.rsplit(".", 1)[-1] in targets:
+            names.append(name)
+    if not names:
+        raise ValueError(f"no linear layers match target_modules={targets}")
+    return names
+
+
+def inject(model: nn.Module, targets: Iterable[str], slots: int, rank: int, merged_rank: int = 0,
+           scale: float = 1.0, dropout: float = 0.0) -> tuple[SlotRouter, dict[str, MultiSlotLinear]]:
+    """Replace the target linears of ``model`` in place by :class:`MultiSlotLinear` layers."""
+    router = SlotRouter()
+    layers = {}
+    for name in target_module_names(model, targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MultiSlotLinear(getattr(parent, child), router, slots, rank, merged_rank, scale, dropout)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return router, layers
+
+
+def restore(model: nn.Module, layers: dict[str, MultiSlotLinear]) -> None:
+    """Undo :func:`inject`: put the plain base linears back."""
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+
+
+# --------------------------------------------------------------------------- slot I/O
+
+@torch.no_grad()
+def set_merged(layers: dict[str, MultiSlotLinear], slot: int, lora: Lora | None) -> None:
+    """Load a frozen merged LoRA (scaling folded in B) into one slot; None clears it."""
+    for name, layer in layers.items():
+        layer.merged_A[slot].zero_()
+        layer.merged_B[slot].zero_()
+        if lora is None or name not in lora:
+            continue
+        A, B = lora[name]
+        k = A.shape[0]
+        if k > layer.merged_A.shape[1]:
+            raise ValueError(f"merged rank {k} exceeds the layer's capacity {layer.merged_A.shape[1]}")
+        layer.merged_A[slot, :k] = A.to(layer.merged_A)
+        layer.merged_B[slot, :, :k] = B.to(layer.merged_B)
+
+
+@torch.no_grad()
+def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> None:
+    """Load raw (unscaled) trainable factors into one slot."""
+    for name, layer in layers.items():
+        layer.lora_A[slot] = raw[name].A.to(layer.lora_A)
+        layer.lora_B[slot] = raw[name].B.to(layer.lora_B)
+
+
+@torch.no_grad()
+def init_stacked(layers: dict[str, MultiSlotLinear], slot: int, generator: torch.Generator) -> None:
+    """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (so training starts at the base)."""
+    for layer in layers.values():
+        fan_in = layer.lora_A.shape[2]
+        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a=sqrt(5)
+        a = torch.empty(layer.lora_A.shape[1:], dtype=torch.float32)
+        a.uniform_(-bound, bound, generator=generator)
+        layer.lora_A[slot] = a.to(layer.lora_A)
+        layer.lora_B[slot].zero_()
+
+
+@torch.no_grad()
+def get_stacked(layers: dict[str, MultiSlotLinear], slot: int, fold_scale: bool = True) -> Lora:
+    """One slot's trainable factors on the CPU (scaling folded into B unless ``fold_scale=False``)."""
+    out = {}
+    for name, layer in layers.items():
+        s = layer.scale if fold_scale else 1.0
+        out[name] = LoraPair(layer.lora_A[slot].detach().float().cpu().clone(),
+                             (layer.lora_B[slot].detach().float() * s).cpu().clone())
+    return out

@@ -1,0 +1,277 @@
+"""The multi-slot LoRA trainer (Ray-free): many users' adapters in one forward/backward.
+
+S slots each hold one user. Every iteration, each busy slot contributes its
+next micro-batch; the rows run through the frozen base together, each with its
+own slot's factors (:mod:`mta_ray.multilora`). Per slot the trainer keeps the
+data order, gradient-accumulation window, LR schedule, gradient clipping and
+AdamW state, so each user's training is the same as training that user alone.
+When a user finishes its epochs its slot takes the next user from the queue
+(continuous refill). The same trainer trains anchors (no merged branch),
+stacked adapters (with a merged branch) and OPPU-style per-user LoRAs.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LoraTrainConfig
+from .lora import Lora
+from .multilora import MultiSlotLinear, get_stacked, init_stacked, inject, restore, set_merged, set_stacked
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenised (prompt, target) pair; ``labels`` is -100 on prompt tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+@dataclass
+class Job:
+    """One user to train: its examples, its frozen merged LoRA, optional initial factors."""
+
+    user_id: str
+    examples: list[Example]
+    merged: Lora | None = None
+    init: Lora | None = None
+    """Raw (unscaled) initial stacked factors; None = PEFT's default init seeded by the user."""
+    seed: int = 0
+
+
+@dataclass
+class JobResult:
+    user_id: str
+    lora: Lora | None
+    """Trained stacked factors (scaling folded into B), on the CPU; None when failed."""
+    step_losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    status: str = "ok"
+    error: str = ""
+
+    @property
+    def final_loss(self) -> float:
+        return self.step_losses[-1] if self.step_losses else float("nan")
+
+
+def user_seed(seed: int, user_id: str) -> int:
+    return zlib.crc32(f"{seed}:{user_id}".encode())
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one user's epoch: a permutation seeded by (user seed, epoch)."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def plan_windows(n: int, cfg: LoraTrainConfig, seed: int) -> list[list[list[int]]]:
+    """Optimizer steps as windows of micro-batches of example indices, all epochs.
+
+    An epoch's micro-batches are consecutive ``batch_size`` examples of its
+    order; ``grad_accum`` micro-batches make one step, and an epoch's last
+    window may be shorter (it still steps).
+    """
+    windows = []
+    for epoch in range(cfg.epochs):
+        order = epoch_order(n, seed, epoch)
+        micro = [order[i:i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+        windows += [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    return windows
+
+
+def lr_multiplier(step: int, total: int, cfg: LoraTrainConfig) -> float:
+    """LR factor at optimizer step ``step`` (0-based), as transformers' schedules compute it."""
+    warmup = math.ceil(total * cfg.warmup_ratio)
+    if step < warmup:
+        return step / max(1, warmup)
+    if cfg.scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if cfg.scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class _Slot:
+    job: Job
+    windows: list[list[list[int]]]
+    window_tokens: list[int]
+    step: int = 0          # optimizer steps taken
+    micro: int = 0         # micro-batch index inside the current window
+    window_loss: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+class MultiSlotTrainer:
+    """Trains stacked LoRAs for a queue of users, ``slots`` users at a time."""
+
+    def __init__(self, model: nn.Module, cfg: LoraTrainConfig, slots: int, merged_rank: int = 0,
+                 pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.model, self.cfg, self.slots, self.pad_id, self.seed = model, cfg, slots, pad_id, seed
+        self.betas, self.eps = betas, eps
+        self.device = next(model.parameters()).device
+        self.router, self.layers = inject(model, cfg.target_modules, slots, cfg.rank, merged_rank,
+                                          cfg.alpha / cfg.rank, cfg.dropout)
+        self.params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.body = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def close(self) -> None:
+        """Put the model back as it was (plain linears)."""
+        restore(self.model, self.layers)
+
+    # ------------------------------------------------------------------ slots
+    def _load(self, s: int, job: Job) -> _Slot:
+        set_merged(self.layers, s, job.merged)
+        if job.init is not None:
+            set_stacked(self.layers, s, job.init)
+        else:
+            init_stacked(self.layers, s, torch.Generator().manual_seed(user_seed(job.seed, job.user_id)))
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
+                m[s].zero_()
+                v[s].zero_()
+                if p.grad is not None:
+                    p.grad[s].zero_()
+        windows = plan_windows(len(job.examples), self.cfg, user_seed(job.seed, job.user_id))
+        tokens = [sum(job.examples[i].target_tokens for mb in w for i in mb) for w in windows]
+        return _Slot(job, windows, tokens)
+
+    def run(self, jobs: Iterable[Job], on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
+        """Train every job; results come in completion order (also passed to ``on_result``)."""
+        queue: Iterator[Job] = iter(jobs)
+        state: list[_Slot | None] = [None] * self.slots
+        results: list[JobResult] = []
+
+        def finish(s: int, result: JobResult) -> None:
+            results.append(result)
+            if on_result:
+                on_result(result)
+            state[s] = None
+            refill(s)
+
+        def refill(s: int) -> None:
+            for job in queue:
+                if not job.examples:
+                    finish_empty = JobResult(job.user_id, None, status="failed", error="no training examples")
+                    results.append(finish_empty)
+                    if on_result:
+                        on_result(finish_empty)
+                    continue
+                state[s] = self._load(s, job)
+                return
+
+        for s in range(self.slots):
+            refill(s)
+        self.model.train()
+        while any(st is not None for st in state):
+            busy = [s for s in range(self.slots) if state[s] is not None]
+            per_slot_loss = self._forward_backward(state, busy)
+            done_window = []
+            for s in busy:
+                st = state[s]
+                st.window_loss += per_slot_loss[s]
+                st.micro += 1
+                if st.micro == len(st.windows[st.step]):
+                    done_window.append(s)
+            if done_window:
+                self._optimizer_step(state, done_window)
+            for s in done_window:
+                st = state[s]
+                if not math.isfinite(st.window_loss):
+                    finish(s, JobResult(st.job.user_id, None, st.losses, st.step, "failed",
+                                        f"non-finite loss at step {st.step + 1}"))
+                    continue
+                st.losses.append(st.window_loss)
+                st.step += 1
+                st.micro, st.window_loss = 0, 0.0
+                if st.step == len(st.windows):
+                    finish(s, JobResult(st.job.user_id, get_stacked(self.layers, s), st.losses, st.step))
+        self.router.rows = None
+        self.model.eval()
+        return results
+
+    # ------------------------------------------------------------------ one iteration
+    def _forward_backward(self, state: list[_Slot | None], busy: list[int]) -> dict[int, float]:
+        rows, weights, examples = [], [], []
+        for s in busy:
+            st = state[s]
+            for i in st.windows[st.step][st.micro]:
+                examples.append(st.job.examples[i])
+                rows.append(s)
+                weights.append(1.0 / max(1, st.window_tokens[st.step]))
+        input_ids, attention, labels = self._pad(examples)
+        rows_t = torch.tensor(rows, device=self.device)
+        self.router.rows = rows_t
+        hidden = self.body(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (N, T, H)
+        target = labels[:, 1:]                                                                  # (N, T-1)
+        mask = target != IGNORE
+        logits = self.head(hidden[:, :-1][mask])                                                # (M, V)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        ce = F.cross_entropy(logits.float(), target[mask], reduction="none")                   # (M,)
+        row_of_token = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(target)[mask]
+        w = torch.tensor(weights, device=self.device, dtype=torch.float32)[row_of_token]
+        weighted = ce * w
+        weighted.sum().backward()
+        slot_of_token = rows_t[row_of_token]
+        per_slot = torch.zeros(self.slots, device=self.device).index_add_(0, slot_of_token, weighted.detach())
+        per_slot = per_slot.tolist()
+        return {s: per_slot[s] for s in busy}
+
+    def _pad(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
+        att = torch.zeros((len(examples), T), dtype=torch.long)
+        lab = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+        for n, e in enumerate(examples):  # right padding: real tokens keep their positions
+            ids[n, :len(e.input_ids)] = torch.tensor(e.input_ids)
+            att[n, :len(e.input_ids)] = 1
+            lab[n, :len(e.labels)] = torch.tensor(e.labels)
+        return ids.to(self.device), att.to(self.device), lab.to(self.device)
+
+    # ------------------------------------------------------------------ per-slot AdamW
+    @torch.no_grad()
+    def _optimizer_step(self, state: list[_Slot | None], slots: list[int]) -> None:
+        """AdamW (torch's arithmetic) with per-slot clipping, LR and step count, for ``slots`` only."""
+        idx = torch.tensor(slots, device=self.device)
+        cfg, (b1, b2) = self.cfg, self.betas
+        grads = [p.grad.index_select(0, idx) if p.grad is not None else torch.zeros_like(p[idx])
+                 for p in self.params]
+        if cfg.max_grad_norm > 0:
+            sq = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)                        # (k,)
+            coef = (cfg.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+            grads = [g * coef.view(-1, 1, 1) for g in grads]
+        steps = [state[s].step + 1 for s in slots]
+        lrs = [cfg.lr * lr_multiplier(state[s].step, len(state[s].windows), cfg) for s in slots]
+        lr = torch.tensor(lrs, device=self.device).view(-1, 1, 1)
+        bc1 = torch.tensor([1 - b1 ** t for t in steps], device=self.device).view(-1, 1, 1)
+        bc2_sqrt = torch.tensor([(1 - b2 ** t) ** 0.5 for t in steps], device=self.device).view(-1, 1, 1)
+        for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
+            w, m, v = p.data[idx], m_all[idx], v_all[idx]
+            if cfg.weight_decay:
+                w = w * (1 - lr * cfg.weight_decay)
+            m = m.lerp(g, 1 - b1)
+            v = v * b2 + (1 - b2) * g * g
+            denom = v.sqrt() / bc2_sqrt + self.eps
+            w = w - (lr / bc1) * m / denom
+            p.data[idx], m_all[idx], v_all[idx] = w, m, v
+            if p.grad is not None:
+                p.grad[idx] = 0
