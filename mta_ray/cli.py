@@ -58,6 +58,15 @@ def _not_built(name: str, issue: str) -> Callable[[Config, argparse.Namespace], 
     return run
 
 
+def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    if args.kind != "throughput":
+        raise NotBuiltError(f"`mta-ray bench {args.kind}` is not built yet (scale issue)")
+    from .bench import run_throughput
+
+    run_throughput(cfg, args.out, profile=args.profile)
+    return 0
+
+
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     _cmd_prepare(cfg, args)
     missing = [s for s in STAGES if s != "prepare"]
@@ -74,7 +83,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "personalize": (_not_built("personalize", "pipeline issue"), "merge-then-adapt every user"),
     "evaluate": (_not_built("evaluate", "pipeline issue"), "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
-    "bench": (_not_built("bench", "LoRA engine issue"), "throughput / scalability benchmarks"),
+    "bench": (_cmd_bench, "throughput / scalability benchmarks"),
     "export": (_not_built("export", "pipeline issue"), "write one user's model as a PEFT adapter"),
 }
 
@@ -93,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", type=Path, default=None,
                        help="output folder (default: runs/<config name>)")
+        if name == "bench":
+            p.add_argument("--profile", action="store_true",
+                           help="also profile the best variant (writes profile.txt)")
         if name in ("prepare", "run"):
             p.add_argument("--force", action="store_true", help="rebuild outputs that are up to date")
     return parser
@@ -101,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.out is None:
-        args.out = Path("runs") / Path(args.config).stem
+        args.out = Path("bench/results") if args.command == "bench" else Path("runs") / Path(args.config).stem
     try:
         cfg = load_config(args.config, args.overrides)
         handler, _ = COMMANDS[args.command]

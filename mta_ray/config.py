@@ -229,20 +229,32 @@ class RayConfig:
 
 @dataclass
 class BenchConfig:
-    """Benchmarks (``mta-ray bench``)."""
+    """Benchmarks (``mta-ray bench throughput|scalability``)."""
 
     shape: str = "llama3-8b"
-    """Model for throughput: a named random-weight shape (``llama3-8b``) or ``real`` (model.base)."""
+    """Model: a named random-weight shape (``llama3-8b``, ``tiny``) or ``real`` (``model.base``)."""
     users: int = 32
-    """Users personalised by the multi-slot trainer per measurement."""
+    """Users personalised by the multi-slot trainer per variant (at least 2 x slots)."""
     baseline_users: int = 4
     """Users personalised one at a time with plain PEFT (the OPPU-style baseline)."""
     prompt_tokens: int = 512
+    """Tokens per training example (prompt + target)."""
+    target_tokens: int = 4
     history_items: int = 10
     anchors: int = 2
-    """Anchors in the frozen merged branch (rank bank.rank each)."""
-    gradient_checkpointing: bool = False
+    """Anchors in each user's frozen merged branch (rank ``bank.rank`` each, delta space)."""
+    variants: list[str] = field(default_factory=lambda: ["8"])
+    """Multi-slot variants: slot count, ``c`` suffix = gradient checkpointing (e.g. ``8``, ``32c``)."""
+    memory_budget_gib: float = 44.0
+    """Peak GPU memory allowed for the single-48-GB-GPU configuration."""
     scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            if not v.rstrip("c").isdigit() or int(v.rstrip("c")) < 1:
+                raise ValueError(f"bad variant {v!r}: use a slot count, optionally with 'c' (e.g. 8, 32c)")
+        if self.target_tokens >= self.prompt_tokens:
+            raise ValueError("target_tokens must be smaller than prompt_tokens")
 
 
 @dataclass

@@ -91,7 +91,8 @@ def fold_into(model: torch.nn.Module, lora: Lora) -> None:
     with torch.no_grad():
         for name, pair in lora.items():
             weight = modules[name].weight
-            weight += delta(pair).to(weight.dtype)
+            A, B = pair.A.to(weight.device, torch.float32), pair.B.to(weight.device, torch.float32)
+            weight += (B @ A).to(weight.dtype)
 
 
 def rank_of(lora: Lora) -> int:

@@ -82,7 +82,7 @@ class MultiSlotLinear(nn.Module):
                 A = torch.cat([self.merged_A, A], dim=1)                            # (S, R+r, in)
                 B = torch.cat([self.merged_B, B], dim=2)                            # (S, out, R+r)
             h = torch.bmm(x, A.index_select(0, rows).transpose(1, 2))              # (N, T, R+r)
-            y = y + torch.bmm(h, B.index_select(0, rows).transpose(1, 2))          # (N, T, out)
+            y = torch.baddbmm(y, h, B.index_select(0, rows).transpose(1, 2))       # (N, T, out)
         return y.squeeze(1) if squeeze else y
 
 

@@ -220,7 +220,9 @@ class MultiSlotTrainer:
         input_ids, attention, labels = self._pad(examples)
         rows_t = torch.tensor(rows, device=self.device)
         self.router.rows = rows_t
-        hidden = self.body(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (N, T, H)
+        if bool(attention.all()):
+            attention = None  # no padding: lets SDPA take its causal flash path
+        hidden = self.body(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state  # (N, T, H)
         target = labels[:, 1:]                                                                  # (N, T-1)
         mask = target != IGNORE
         logits = self.head(hidden[:, :-1][mask])                                                # (M, V)

@@ -1,0 +1,306 @@
+"""Benchmarks: ``mta-ray bench throughput CONFIG`` (GPU speed of per-user merge-then-adapt).
+
+Run: ``mta-ray bench throughput configs/bench/throughput-8b.yaml --out bench/results``
+
+Throughput compares, in one process on one device with the same users:
+(a) the baseline — one user at a time with plain PEFT, as OPPU's code runs users
+    (fold the user's merged LoRA into W0, new PEFT LoRA, AdamW, HF loss over all logits);
+(b) the multi-slot trainer — many users per forward/backward, continuous refill.
+Figures: users/hour, tokens/s, MFU and peak GPU memory. MFU counts 4N FLOPs per
+processed token (N = parameters of all matmuls incl. the LM head) plus causal
+attention (6 T^2 d per layer per sequence, forward + input gradients) over the
+GPU's dense bf16 peak; ``mfu_executed`` counts the LM head only where it is
+computed (our trainer applies it to target tokens only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import Config, LoraTrainConfig, save_resolved
+from .fsutil import atomic_write_text
+from .lora import Lora, LoraPair, fold_into, merge_delta
+from .multilora import target_module_names
+from .trainer import Example, Job, MultiSlotTrainer, plan_windows, user_seed
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, tie_word_embeddings=False),
+}
+# Dense bf16 tensor-core peaks (no sparsity), by device-name substring, most specific first.
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L20", 119.5e12)]
+
+
+def device_peak(name: str) -> float | None:
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def build_model(cfg: Config, device: str) -> Any:
+    """A frozen model to benchmark: a random-weight named shape, or the configured real base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.bench.shape == "real":
+        from .models import load_base
+        model, _ = load_base(cfg.model, device)
+        return model
+    if cfg.bench.shape not in SHAPES:
+        raise ValueError(f"unknown bench.shape {cfg.bench.shape!r}; known: real, {', '.join(SHAPES)}")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[cfg.bench.shape]))
+    finally:
+        torch.set_default_dtype(prev)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0) -> list[Job]:
+    """Users with ``history_items`` random-token examples and a random merged branch of K anchors."""
+    b = cfg.bench
+    vocab = model.config.vocab_size
+    names = target_module_names(model, cfg.adapt.target_modules)
+    modules = dict(model.named_modules())
+    g = torch.Generator().manual_seed(1234)
+    anchors = [{nm: LoraPair(torch.randn(cfg.bank.rank, modules[nm].in_features, generator=g) * 0.01,
+                             torch.randn(modules[nm].out_features, cfg.bank.rank, generator=g) * 0.01)
+                for nm in names} for _ in range(b.anchors)]
+    weights = [1.0 / b.anchors] * b.anchors
+    jobs = []
+    for u in range(offset, offset + n):
+        gu = torch.Generator().manual_seed(u)
+        examples = []
+        for _ in range(b.history_items):
+            ids = torch.randint(0, vocab, (b.prompt_tokens,), generator=gu).tolist()
+            p = b.prompt_tokens - b.target_tokens
+            examples.append(Example(ids, [-100] * p + ids[p:]))
+        merged = merge_delta(anchors, weights)  # (the bank would give each user its own K; cost is the same)
+        jobs.append(Job(f"user{u:05d}", examples, merged=merged, seed=cfg.seed))
+    return jobs
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _flops(jobs: list[Job], train: LoraTrainConfig, n_body: int, n_head: int, layers: int, d: int,
+           head_on_targets_only: bool) -> tuple[float, float, int]:
+    """(FLOPs by the issue's 4N formula, FLOPs executed, tokens processed) for training ``jobs``."""
+    issue = executed = 0.0
+    tokens = 0
+    for job in jobs:
+        for e in job.examples:
+            T = len(e.input_ids)
+            attn = 6.0 * T * T * d * layers / 2  # causal
+            issue += 4.0 * (n_body + n_head) * T + attn
+            head_tokens = e.target_tokens if head_on_targets_only else T
+            executed += 4.0 * n_body * T + 4.0 * n_head * head_tokens + attn
+            tokens += T
+    return issue * train.epochs, executed * train.epochs, tokens * train.epochs
+
+
+def _param_counts(model: Any) -> tuple[int, int]:
+    head = model.get_output_embeddings()
+    body = sum(m.weight.numel() for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head)
+    return body, head.weight.numel()
+
+
+def run_baseline(model: Any, jobs: list[Job], train: LoraTrainConfig, device: str) -> list[float]:
+    """One user at a time with plain PEFT; returns each user's final step loss."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    finals = []
+    for job in jobs:
+        fold_into(model, job.merged)                       # the paper's W0 + dW_merged
+        peft_model = get_peft_model(model, LoraConfig(r=train.rank, lora_alpha=train.alpha, lora_dropout=0.0,
+                                                      target_modules=_peft_targets(train)))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        windows = plan_windows(len(job.examples), train, user_seed(job.seed, job.user_id))
+        sched = get_cosine_schedule_with_warmup(opt, math.ceil(len(windows) * train.warmup_ratio), len(windows))
+        peft_model.train()
+        loss_value = float("nan")
+        for window in windows:
+            for mb in window:
+                batch = [job.examples[i] for i in mb]
+                ids = torch.tensor([e.input_ids for e in batch], device=device)
+                labels = torch.tensor([e.labels for e in batch], device=device)
+                out = peft_model(input_ids=ids, labels=labels, use_cache=False)
+                (out.loss / len(window)).backward()
+                loss_value = out.loss.item()
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        state = {k: v.detach().to("cpu") for k, v in peft_model.state_dict().items() if "lora_" in k}
+        assert state
+        model = peft_model.unload()
+        negated = {k: LoraPair(p.A, -p.B) for k, p in job.merged.items()}
+        fold_into(model, negated)
+        finals.append(loss_value)
+    model.eval()
+    return finals
+
+
+def _peft_targets(train: LoraTrainConfig) -> Any:
+    return "all-linear" if "all-linear" in train.target_modules else list(train.target_modules)
+
+
+def _measure(fn, device: str) -> tuple[Any, float, int]:
+    """(result, seconds, peak bytes) of ``fn()``."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return result, seconds, peak
+
+
+def _figures(n_users: int, seconds: float, flops: tuple[float, float, int], peak_flops: float | None,
+             peak_bytes: int) -> dict[str, Any]:
+    issue, executed, tokens = flops
+    out = {"users": n_users, "seconds": round(seconds, 3), "users_per_hour": round(n_users * 3600 / seconds, 1),
+           "tokens_per_s": round(tokens / seconds, 1), "tflops_per_s": round(issue / seconds / 1e12, 2),
+           "peak_gpu_gib": round(peak_bytes / 2 ** 30, 2)}
+    if peak_flops:
+        out["mfu"] = round(issue / seconds / peak_flops, 4)
+        out["mfu_executed"] = round(executed / seconds / peak_flops, 4)
+    return out
+
+
+def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, Any]:
+    """Measure baseline and multi-slot variants; write ``throughput-<shape>.json`` in ``out``."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    peak_flops = device_peak(name) if device == "cuda" else None
+    b, train = cfg.bench, cfg.adapt
+    model = build_model(cfg, device)
+    n_body, n_head = _param_counts(model)
+    mc = model.config
+    flop_args = (train, n_body, n_head, mc.num_hidden_layers, mc.num_attention_heads * getattr(
+        mc, "head_dim", mc.hidden_size // mc.num_attention_heads))
+    merged_rank = b.anchors * cfg.bank.rank
+    print(f"bench throughput: {name}, model {b.shape} ({(n_body + n_head) / 1e9:.2f}B matmul params), "
+          f"{b.history_items} items x {b.prompt_tokens} tokens, {train.epochs} epochs, "
+          f"batch {train.batch_size} x accum {train.grad_accum}, rank {train.rank}, merged rank {merged_rank}",
+          flush=True)
+
+    # (a) baseline, after one untimed warm-up user
+    run_baseline(model, synthetic_jobs(model, cfg, 1, offset=10_000), train, device)
+    base_jobs = synthetic_jobs(model, cfg, b.baseline_users)
+    finals, sec, peak = _measure(lambda: run_baseline(model, base_jobs, train, device), device)
+    baseline = _figures(len(base_jobs), sec, _flops(base_jobs, *flop_args, head_on_targets_only=False),
+                        peak_flops, peak)
+    baseline["final_losses"] = [round(x, 4) for x in finals]
+    print(f"  baseline (PEFT, one user at a time): {baseline}", flush=True)
+
+    variants = []
+    for v in b.variants:
+        slots, ckpt = int(v.rstrip("c")), v.endswith("c")
+        variants.append(_run_variant(model, cfg, device, slots, ckpt, merged_rank, flop_args, peak_flops))
+        print(f"  multi-slot {v}: {variants[-1]}", flush=True)
+    ok = [x for x in variants if "error" not in x]
+    best = max(ok, key=lambda x: x["users_per_hour"]) if ok else None
+    fits = [x for x in ok if x["peak_gpu_gib"] <= b.memory_budget_gib] if device == "cuda" else []
+    result = {
+        "benchmark": "throughput", "device": name, "device_peak_bf16_flops": peak_flops,
+        "torch": torch.__version__, "model": b.shape if b.shape != "real" else cfg.model.base,
+        "matmul_params": n_body + n_head,
+        "settings": {**{k: getattr(b, k) for k in ("users", "baseline_users", "prompt_tokens", "target_tokens",
+                                                     "history_items", "anchors", "variants")},
+                     "train": asdict(train), "anchor_rank": cfg.bank.rank, "merge_space": "delta",
+                     "dtype": "bfloat16" if device == "cuda" else "float32"},
+        "baseline_peft_one_at_a_time": baseline,
+        "multi_slot": variants,
+        "best_variant": best["variant"] if best else None,
+        "speedup_users_per_hour": round(best["users_per_hour"] / baseline["users_per_hour"], 2) if best else None,
+        "single_gpu_48gb": ({"variant": max(fits, key=lambda x: x["users_per_hour"])["variant"],
+                             "budget_gib": b.memory_budget_gib} if fits else None),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if profile and best:
+        _profile(model, cfg, device, best["slots"], best["gradient_checkpointing"], merged_rank, out)
+    path = out / f"throughput-{_slug(result['model'])}-{_slug(name)}.json"
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    save_resolved(cfg, out, "bench")
+    print(f"  speedup (best variant {result['best_variant']} vs baseline): {result['speedup_users_per_hour']}x "
+          f"-> {path}", flush=True)
+    return result
+
+
+def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, merged_rank: int,
+                 flop_args: tuple, peak_flops: float | None) -> dict[str, Any]:
+    b = cfg.bench
+    label = f"{slots}{'c' if ckpt else ''}"
+    trainer = None
+    try:
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed)
+        trainer.run(synthetic_jobs(model, cfg, slots, offset=20_000))  # warm-up: one full round
+        jobs = synthetic_jobs(model, cfg, max(b.users, 2 * slots))
+        results, sec, peak = _measure(lambda: trainer.run(jobs), device)
+        fig = _figures(len(jobs), sec, _flops(jobs, *flop_args, head_on_targets_only=True), peak_flops, peak)
+        fig["failed_users"] = sum(r.status != "ok" for r in results)
+        fig["mean_final_loss"] = round(sum(r.final_loss for r in results) / len(results), 4)
+        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, **fig}
+    except torch.OutOfMemoryError:
+        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "error": "out of memory"}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if ckpt:
+            model.gradient_checkpointing_disable()
+        for p in model.parameters():
+            p.grad = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, merged_rank: int, out: Path) -> None:
+    """Where the time goes: a torch.profiler table of one round of ``slots`` users."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed)
+    try:
+        jobs = synthetic_jobs(model, cfg, slots, offset=30_000)
+        with profile(activities=acts) as prof:
+            trainer.run(jobs)
+            _sync(device)
+        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        atomic_write_text(out / "profile.txt", table)
+        print(table[:6000], flush=True)
+    finally:
+        trainer.close()
+        if ckpt:
+            model.gradient_checkpointing_disable()
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text.lower()).strip("-")[:60]
