@@ -218,8 +218,8 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
 
     variants = []
     for v in b.variants:
-        slots, ckpt = int(v.rstrip("c")), v.endswith("c")
-        variants.append(_run_variant(model, cfg, device, slots, ckpt, merged_rank, flop_args, peak_flops))
+        slots, ckpt, fused = int(v.rstrip("cf")), "c" in v, "f" in v
+        variants.append(_run_variant(model, cfg, device, slots, ckpt, fused, merged_rank, flop_args, peak_flops))
         print(f"  multi-slot {v}: {variants[-1]}", flush=True)
     ok = [x for x in variants if "error" not in x]
     best = max(ok, key=lambda x: x["users_per_hour"]) if ok else None
@@ -241,7 +241,7 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
     }
     out.mkdir(parents=True, exist_ok=True)
     if profile and best:
-        _profile(model, cfg, device, best["slots"], best["gradient_checkpointing"], merged_rank, out)
+        _profile(model, cfg, device, best["slots"], best["gradient_checkpointing"], best["fused"], merged_rank, out)
     path = out / f"throughput-{_slug(result['model'])}-{_slug(name)}.json"
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     save_resolved(cfg, out, "bench")
@@ -250,24 +250,26 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
     return result
 
 
-def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, merged_rank: int,
+def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused: bool, merged_rank: int,
                  flop_args: tuple, peak_flops: float | None) -> dict[str, Any]:
     b = cfg.bench
-    label = f"{slots}{'c' if ckpt else ''}"
+    label = f"{slots}{'c' if ckpt else ''}{'f' if fused else ''}"
     trainer = None
     try:
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed)
-        trainer.run(synthetic_jobs(model, cfg, slots, offset=20_000))  # warm-up: one full round
+        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed,
+                                   fused=fused)
+        trainer.run(synthetic_jobs(model, cfg, slots, offset=20_000))  # warm-up: one full round (and compile)
         jobs = synthetic_jobs(model, cfg, max(b.users, 2 * slots))
         results, sec, peak = _measure(lambda: trainer.run(jobs), device)
         fig = _figures(len(jobs), sec, _flops(jobs, *flop_args, head_on_targets_only=True), peak_flops, peak)
         fig["failed_users"] = sum(r.status != "ok" for r in results)
         fig["mean_final_loss"] = round(sum(r.final_loss for r in results) / len(results), 4)
-        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, **fig}
+        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "fused": fused, **fig}
     except torch.OutOfMemoryError:
-        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "error": "out of memory"}
+        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "fused": fused,
+                "error": "out of memory"}
     finally:
         if trainer is not None:
             trainer.close()
@@ -279,14 +281,15 @@ def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, m
             torch.cuda.empty_cache()
 
 
-def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, merged_rank: int, out: Path) -> None:
+def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused: bool, merged_rank: int,
+             out: Path) -> None:
     """Where the time goes: a torch.profiler table of one round of ``slots`` users."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed)
+    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused)
     try:
         jobs = synthetic_jobs(model, cfg, slots, offset=30_000)
         with profile(activities=acts) as prof:

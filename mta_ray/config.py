@@ -244,15 +244,16 @@ class BenchConfig:
     anchors: int = 2
     """Anchors in each user's frozen merged branch (rank ``bank.rank`` each, delta space)."""
     variants: list[str] = field(default_factory=lambda: ["8"])
-    """Multi-slot variants: slot count, ``c`` suffix = gradient checkpointing (e.g. ``8``, ``32c``)."""
+    """Multi-slot variants: slot count; suffix ``c`` = gradient checkpointing, ``f`` = fused kernels
+    (e.g. ``8``, ``8f``, ``32cf``)."""
     memory_budget_gib: float = 44.0
     """Peak GPU memory allowed for the single-48-GB-GPU configuration."""
     scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])
 
     def __post_init__(self) -> None:
         for v in self.variants:
-            if not v.rstrip("c").isdigit() or int(v.rstrip("c")) < 1:
-                raise ValueError(f"bad variant {v!r}: use a slot count, optionally with 'c' (e.g. 8, 32c)")
+            if not v.rstrip("cf").isdigit() or int(v.rstrip("cf")) < 1:
+                raise ValueError(f"bad variant {v!r}: a slot count, optionally with 'c' and/or 'f' (e.g. 8, 32cf)")
         if self.target_tokens >= self.prompt_tokens:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LoraTrainConfig
+from .fused import apply_fused
 from .lora import Lora
 from .multilora import MultiSlotLinear, get_stacked, init_stacked, inject, restore, set_merged, set_stacked
 
@@ -120,7 +121,9 @@ class MultiSlotTrainer:
     """Trains stacked LoRAs for a queue of users, ``slots`` users at a time."""
 
     def __init__(self, model: nn.Module, cfg: LoraTrainConfig, slots: int, merged_rank: int = 0,
-                 pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 fused: bool | None = None):
+        """``fused``: swap in compiled RMSNorm/SiLU-mul/rotary kernels (default: on CUDA only)."""
         self.model, self.cfg, self.slots, self.pad_id, self.seed = model, cfg, slots, pad_id, seed
         self.betas, self.eps = betas, eps
         self.device = next(model.parameters()).device
@@ -132,9 +135,15 @@ class MultiSlotTrainer:
         self.body = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        if fused is None:
+            fused = self.device.type == "cuda"
+        self._undo_fused = apply_fused(model) if fused else None
 
     def close(self) -> None:
-        """Put the model back as it was (plain linears)."""
+        """Put the model back as it was (plain modules)."""
+        if self._undo_fused:
+            self._undo_fused()
+            self._undo_fused = None
         restore(self.model, self.layers)
 
     # ------------------------------------------------------------------ slots
