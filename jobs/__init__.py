@@ -1,1 +1,4 @@
-"""Entry points for `ray job submit` (one module per job); added with the Ray pipeline."""
+"""Entry points for `ray job submit`: each module runs one mta_ray command on the cluster it is submitted to.
+
+    ray job submit --working-dir . -- python -m jobs.<name> --config CONFIG --out DIR [key=value ...]
+"""

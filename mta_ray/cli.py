@@ -36,9 +36,6 @@ e.g. `mta-ray prepare configs/lamp/lamp2.yaml data.path=FILE adapt.lr=5e-5`.
 Bad input is reported on one line and exits with code 2.
 """
 
-STAGES = ("prepare", "embed", "cluster", "bank", "personalize", "evaluate")
-
-
 def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from .prepare import run_prepare
 
@@ -52,10 +49,51 @@ def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str, issue: str) -> Callable[[Config, argparse.Namespace], int]:
-    def run(cfg: Config, args: argparse.Namespace) -> int:
-        raise NotBuiltError(f"`mta-ray {name}` is not built yet ({issue})")
-    return run
+def _cmd_embed(cfg: Config, args: argparse.Namespace) -> int:
+    from .embed import run_embed
+    print(f"embed: {run_embed(cfg, args.out)}")
+    return 0
+
+
+def _cmd_cluster(cfg: Config, args: argparse.Namespace) -> int:
+    from .clustering import run_cluster
+    print(f"cluster: {run_cluster(cfg, args.out)}")
+    return 0
+
+
+def _cmd_bank(cfg: Config, args: argparse.Namespace) -> int:
+    from .bank import run_bank
+    print(f"bank: {run_bank(cfg, args.out)}")
+    return 0
+
+
+def _cmd_personalize(cfg: Config, args: argparse.Namespace) -> int:
+    from .personalize import run_personalize
+    print(f"personalize: {run_personalize(cfg, args.out, args.kind)}")
+    return 0
+
+
+def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from .evaluate import render_markdown, required_kinds, run_evaluate
+    from .personalize import store_dir
+
+    missing = [k for k in required_kinds(cfg) if not store_dir(args.out, k).exists()]
+    if missing:
+        raise InputError(str(args.out), f"no adapters for {missing}: run `mta-ray personalize --kind K` "
+                                        "for each, or `mta-ray run`")
+    print(render_markdown(run_evaluate(cfg, args.out)))
+    return 0
+
+
+def _cmd_export(cfg: Config, args: argparse.Namespace) -> int:
+    from .export import run_export
+
+    user = [o for o in args.user_overrides if o.startswith("user_id=")]
+    if not user:
+        raise InputError("export", "which user? add user_id=<id>")
+    run = args.run or Path("runs") / Path(args.config).stem
+    print(f"export: {run_export(cfg, run, args.out, user[-1].split('=', 1)[1])}")
+    return 0
 
 
 def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
@@ -68,23 +106,22 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    _cmd_prepare(cfg, args)
-    missing = [s for s in STAGES if s != "prepare"]
-    print(f"run: ran prepare; stages not built yet: {', '.join(missing)} (pipeline issue). "
-          "Nothing else to do.")
+    from .pipeline import run_all
+
+    run_all(cfg, args.out, force_prepare=args.force)
     return 0
 
 
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "prepare": (_cmd_prepare, "read LaMP/processed/synthetic users into <out>/users.parquet"),
-    "embed": (_not_built("embed", "pipeline issue"), "embed users' histories (Ray Data)"),
-    "cluster": (_not_built("cluster", "pipeline issue"), "K-Means users and pick anchors"),
-    "bank": (_not_built("bank", "pipeline issue"), "train one LoRA per anchor (Ray actors)"),
-    "personalize": (_not_built("personalize", "pipeline issue"), "merge-then-adapt every user"),
-    "evaluate": (_not_built("evaluate", "pipeline issue"), "LaMP metrics for MTA and baselines"),
+    "embed": (_cmd_embed, "embed users' histories (Ray Data)"),
+    "cluster": (_cmd_cluster, "K-Means users and pick anchors"),
+    "bank": (_cmd_bank, "train one LoRA per anchor (Ray actors)"),
+    "personalize": (_cmd_personalize, "merge-then-adapt every user (or train a baseline's adapters)"),
+    "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
     "bench": (_cmd_bench, "throughput / scalability benchmarks"),
-    "export": (_not_built("export", "pipeline issue"), "write one user's model as a PEFT adapter"),
+    "export": (_cmd_export, "write one user's model as a PEFT adapter"),
 }
 
 
@@ -105,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--profile", action="store_true",
                            help="also profile the best variant (writes profile.txt)")
+        if name == "personalize":
+            p.add_argument("--kind", choices=["mta", "adapt_only", "oppu"], default="mta",
+                           help="mta (default), or a baseline's per-user adapters")
+        if name == "export":
+            p.add_argument("--run", type=Path, default=None,
+                           help="the run folder holding bank/ and adapters/ (default: runs/<config name>)")
         if name in ("prepare", "run"):
             p.add_argument("--force", action="store_true", help="rebuild outputs that are up to date")
     return parser
@@ -117,8 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra  # key=value may also follow --out
+    if args.command == "export":  # user_id=... names the user, it is not a config key
+        args.user_overrides = args.overrides
+        args.overrides = [o for o in args.overrides if not o.startswith("user_id=")]
     if args.out is None:
-        args.out = Path("bench/results") if args.command == "bench" else Path("runs") / Path(args.config).stem
+        args.out = (Path("bench/results") if args.command == "bench" else
+                    Path("exported") if args.command == "export" else Path("runs") / Path(args.config).stem)
     try:
         cfg = load_config(args.config, args.overrides)
         handler, _ = COMMANDS[args.command]

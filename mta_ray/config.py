@@ -179,6 +179,8 @@ class AdaptConfig(LoraTrainConfig):
     grad_accum: int = 4
     slots: int = 16
     """Users trained together in one forward/backward pass by the multi-slot trainer."""
+    shard_users: int = 256
+    """Users per shard of the adapter store."""
 
 
 @dataclass

@@ -143,10 +143,18 @@ def set_merged(layers: dict[str, MultiSlotLinear], slot: int, lora: Lora | None)
 
 @torch.no_grad()
 def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> None:
-    """Load raw (unscaled) trainable factors into one slot."""
+    """Load raw (unscaled) trainable factors into one slot; modules it lacks get zeros."""
     for name, layer in layers.items():
-        layer.lora_A[slot] = raw[name].A.to(layer.lora_A)
-        layer.lora_B[slot] = raw[name].B.to(layer.lora_B)
+        layer.lora_A[slot].zero_()
+        layer.lora_B[slot].zero_()
+        if name not in raw:
+            continue
+        A, B = raw[name]
+        k = A.shape[0]
+        if k > layer.lora_A.shape[1]:
+            raise ValueError(f"adapter rank {k} exceeds the layer's rank {layer.lora_A.shape[1]}")
+        layer.lora_A[slot, :k] = A.to(layer.lora_A)
+        layer.lora_B[slot, :, :k] = B.to(layer.lora_B)
 
 
 @torch.no_grad()

@@ -4,21 +4,22 @@ Why MTA should help here (and the ground truth is known):
 
 - Items are about one of eight **topics** (space, crime, romance, magic, war,
   mind, society, family). Each topic has three plausible answers: three LaMP-2
-  tags, or three headline styles for the generation task (LaMP-4-like).
-- A **persona** watches/writes about four of the eight topics and answers each
-  of its topics in one fixed way (its *mapping*): persona 0 tags space movies
-  ``sci-fi``, persona 1 tags them ``dystopia``, and so on (see
-  :func:`persona_table` and ``mta-ray prepare`` with ``data.format=synthetic``,
-  which writes the table to ``personas.json``).
-- An ordinary user has only ``min_items..max_items`` items covering some of
-  its persona's topics; its **queries are about its persona's topics that its
-  own history does not show**. Its own items cannot teach the answer; the base
-  model cannot guess a persona's private convention.
-- A few **active users** per persona (``active_items`` items, all four topics)
-  are the natural anchors: their LoRA learns the whole mapping. Retrieval by
-  history text finds same-persona anchors (same topics, same answers), so the
-  merged LoRA carries the missing answers and the stacked adapter adds the
-  user's own items. Expected order: ``mta`` >= ``merged_only`` > ``adapt_only`` ~ ``base``.
+  tags (the first is the obvious one, e.g. ``sci-fi`` for space), or three
+  headline styles for the generation task (LaMP-4/5-like).
+- A **persona** is a taste: it watches/writes about two related topics of its
+  own (persona 0: space + society, 1: crime + mind, 2: romance + family,
+  3: magic + war; further personas reuse the pairs with other answers) and
+  answers each of them in one fixed, non-obvious way (its *mapping*), e.g.
+  persona 0 tags space movies ``dystopia``. ``personas.json`` holds the table.
+- An ordinary user has ``min_items..max_items`` items, all about ONE of its
+  persona's topics; its **queries are about the other topic**. Its own items
+  cannot teach that answer, and the base model's obvious guess is wrong.
+- ``active_users_per_persona`` users per persona have ``active_items`` items on
+  both topics: the natural anchors (most active users). Retrieval by history
+  text finds the same-persona anchor (it shares the user's topic and answers),
+  so the merged LoRA carries the missing answer and the stacked adapter adds the
+  user's own items. Expected order: ``mta`` >= ``merged_only`` > ``adapt_only``,
+  ``base`` and RAG (which only see the user's own, other-topic items).
 
 Seeded and deterministic: the same config always yields the same users.
 """
@@ -75,14 +76,20 @@ STYLES = [
 ]
 
 
+PERSONA_TOPICS = [("space", "society"), ("crime", "mind"), ("romance", "family"), ("magic", "war")]
+
+
 def persona_table(num_personas: int, seed: int) -> list[dict[str, Any]]:
-    """Each persona: its four topics and its answer index (0..2) for each of them."""
-    rng = random.Random(f"personas-{seed}")
+    """Each persona: its two topics and its answer index (1 or 2, never the obvious 0) for each."""
     personas = []
     for p in range(num_personas):
-        # Neighbouring personas share two topics, so topic alone does not identify the persona.
-        topics = [TOPIC_NAMES[(2 * p + j) % len(TOPIC_NAMES)] for j in range(4)]
-        answer = {t: (p + TOPIC_NAMES.index(t) + rng.randrange(2)) % 3 for t in topics}
+        pair = p % len(PERSONA_TOPICS)
+        topics = list(PERSONA_TOPICS[pair])
+        flip = (p // len(PERSONA_TOPICS)) % 2  # a second round of personas answers the other way
+        first = 1 + (random.Random(f"personas-{seed}-{pair}").randrange(2) ^ flip)
+        if TOPICS[topics[0]]["tags"][first] == TOPICS[topics[1]]["tags"][3 - first]:
+            first = 3 - first  # the two topics must not share a tag, or one topic would reveal the other
+        answer = {topics[0]: first, topics[1]: 3 - first}
         personas.append({"persona": p, "topics": topics, "answer": answer})
     return personas
 
@@ -125,13 +132,10 @@ def generate_users(cfg: SyntheticConfig, task: Task) -> list[dict[str, Any]]:
         active = i // cfg.num_personas < cfg.active_users_per_persona
         n_items = cfg.active_items if active else rng.randint(cfg.min_items, cfg.max_items)
         topics = list(persona["topics"])
-        if active:
-            seen = topics
-        else:  # an ordinary user sees only some of its persona's topics
-            seen = rng.sample(topics, k=rng.randint(1, 2))
+        seen = topics if active else [topics[rng.randrange(2)]]  # an ordinary user knows one topic
         history = []
         for j in range(n_items):
-            topic = seen[j % len(seen)] if active else rng.choice(seen)
+            topic = seen[j % len(seen)]
             x, y = _item(task, topic, persona["answer"][topic], rng)
             history.append({"id": f"{i}-h{j}", "input": x, "output": y})
         unseen = [t for t in topics if t not in seen] or topics

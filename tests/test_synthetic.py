@@ -49,12 +49,16 @@ def test_queries_need_the_persona_not_the_users_own_items():
                        for v in mates for it in v["history"])
 
 
-def test_personas_disagree_somewhere():
-    personas = persona_table(4, 0)
-    shared = set(personas[0]["topics"]) & set(personas[1]["topics"])
-    assert shared
-    mappings = {tuple(sorted(p["answer"].items())) for p in personas}
-    assert len(mappings) == 4
+def test_personas_have_own_topics_and_non_obvious_answers():
+    personas = persona_table(8, 0)
+    first_four = [set(p["topics"]) for p in personas[:4]]
+    assert all(not (a & b) for i, a in enumerate(first_four) for b in first_four[i + 1:])
+    assert all(idx in (1, 2) for p in personas for idx in p["answer"].values())   # never the obvious tag
+    for p in personas:  # a persona's two topics never share a tag
+        a, b = p["topics"]
+        assert TOPICS[a]["tags"][p["answer"][a]] != TOPICS[b]["tags"][p["answer"][b]]
+    for p in range(4):  # a second round of personas reuses the topics
+        assert personas[p]["topics"] == personas[p + 4]["topics"]
 
 
 def test_active_users_are_the_longest_histories():

@@ -1,0 +1,90 @@
+"""Stage ``bank``: train one LoRA per anchor on Ray workers -> ``bank/`` (manifest + PEFT adapters).
+
+Workers (one base model resident each) train their share of the anchors in
+slots of the multi-slot trainer (rank ``bank.rank``, no merged branch). An
+anchor trains on its own history (paper) or, with ``bank.anchor_data=cluster``,
+on the pooled histories of its whole cluster. Anchors already in the manifest
+with the same config hash are kept.
+
+Run: ``mta-ray bank configs/demo.yaml --out runs/demo`` (after ``cluster``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from .config import Config, save_resolved, section_hash
+from .data import load_users
+from .embed import load_embeddings
+from .fsutil import atomic_dir, atomic_write_text
+from .lora import save_peft
+from .prepare import USERS_FILE
+
+BANK_DIR = "bank"
+
+
+def bank_hash(cfg: Config) -> str:
+    return section_hash(cfg, "data", "model", "embed", "bank", "seed")
+
+
+def read_manifest(out: Path) -> dict:
+    path = out / BANK_DIR / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else {"anchors": []}
+
+
+def run_bank(cfg: Config, out: Path) -> dict:
+    import ray
+
+    from .raysetup import init_ray
+    from .workers import start_workers
+
+    t0 = time.time()
+    h = bank_hash(cfg)
+    anchors = pq.read_table(out / "anchors.parquet").to_pylist()
+    manifest = read_manifest(out)
+    kept = [a for a in manifest["anchors"] if a["config_hash"] == h]
+    done = {a["cluster"] for a in kept}
+    todo = [a for a in anchors if a["cluster"] not in done]
+    if not todo:
+        return {"anchors": len(kept), "trained": 0, "skipped": True}
+    users = {u["user_id"]: u for u in load_users(out / USERS_FILE, ["user_id", "history"]).to_pylist()}
+    members: dict[int, list[str]] = {}
+    for row in pq.read_table(out / "clusters.parquet").to_pylist():
+        members.setdefault(row["cluster"], []).append(row["user_id"])
+    emb = {r["user_id"]: r["retrieval_emb"] for r in load_embeddings(out).select(
+        ["user_id", "retrieval_emb"]).to_pylist()}
+    payload = []
+    for a in todo:
+        owners = sorted(members[a["cluster"]]) if cfg.bank.anchor_data == "cluster" else [a["user_id"]]
+        payload.append({"user_id": anchor_id(a["cluster"]), "histories": [users[u]["history"] for u in owners]})
+    init_ray(cfg)
+    workers = start_workers(cfg, None)
+    shares = [payload[i::len(workers)] for i in range(len(workers))]
+    futures = [w.train.remote("anchor", share) for w, share in zip(workers, shares) if share]
+    results = {r["user_id"]: r for batch in ray.get(futures) for r in batch}
+    bank_dir = out / BANK_DIR
+    for a in todo:
+        aid = anchor_id(a["cluster"])
+        r = results[aid]
+        if r["status"] != "ok":
+            print(f"bank: anchor {aid} (user {a['user_id']}) failed: {r['error']}", flush=True)
+            continue
+        with atomic_dir(bank_dir / aid) as tmp:
+            save_peft(r["lora"], tmp, base_model=cfg.model.base)
+        kept.append({"anchor_id": aid, "cluster": a["cluster"], "user_id": a["user_id"], "n_items": a["n_items"],
+                     "cluster_size": a["cluster_size"], "path": aid, "retrieval_emb": emb[a["user_id"]],
+                     "final_loss": r["final_loss"], "steps": r["steps"], "config_hash": h})
+        atomic_write_text(bank_dir / "manifest.json", json.dumps({"anchors": kept}, indent=1))
+    for w in workers:
+        ray.kill(w)
+    save_resolved(cfg, out, "bank")
+    return {"anchors": len(kept), "trained": len(todo), "skipped": False, "seconds": round(time.time() - t0, 1)}
+
+
+def anchor_id(cluster: int) -> str:
+    """Bank folders are named by cluster, never by user id (user ids are keys, not paths)."""
+    return f"anchor-{cluster:04d}"

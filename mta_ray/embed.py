@@ -1,0 +1,98 @@
+"""Stage ``embed``: two embeddings per user through a Ray Data pipeline -> ``embeddings.parquet/``.
+
+- clustering embedding: mean of the per-item embeddings (paper eq. 2);
+- retrieval embedding: the whole history as one document, normalised (paper eq. 4).
+
+Run: ``mta-ray embed configs/demo.yaml --out runs/demo`` (after ``prepare``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .config import Config, save_resolved, section_hash
+from .prepare import USERS_FILE
+from .tasks import get_task
+
+EMBEDDINGS = "embeddings.parquet"
+
+
+class EmbedUsers:
+    """Ray Data callable: encoders load once per actor, then embed batches of users."""
+
+    def __init__(self, cfg: Config):
+        import torch
+        from .models import load_encoder
+
+        dev = cfg.embed.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        e = cfg.embed
+        self.cluster_enc = load_encoder(e.cluster_encoder, dev, e.max_seq_length, "embed.cluster_encoder")
+        self.retrieval_enc = (self.cluster_enc if e.retrieval_encoder == e.cluster_encoder else
+                              load_encoder(e.retrieval_encoder, dev, e.max_seq_length, "embed.retrieval_encoder"))
+        self.task = get_task(cfg.data.task)
+        self.batch_size = e.batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        histories = batch.column("history").to_pylist()
+        items = [f"{it['input']} {it['output']}" for h in histories for it in h]
+        item_emb = self.cluster_enc.encode(items, batch_size=self.batch_size, convert_to_numpy=True)
+        docs = ["\n".join(self.task.history_line(it) for it in h) for h in histories]
+        doc_emb = self.retrieval_enc.encode(docs, batch_size=self.batch_size, convert_to_numpy=True,
+                                            normalize_embeddings=True)
+        cluster, pos = [], 0
+        for h in histories:
+            cluster.append(item_emb[pos:pos + len(h)].mean(axis=0))
+            pos += len(h)
+        return pa.table({
+            "user_id": batch.column("user_id"),
+            "n_items": pa.array([len(h) for h in histories], pa.int32()),
+            "cluster_emb": pa.array([c.astype(np.float32).tolist() for c in cluster], pa.list_(pa.float32())),
+            "retrieval_emb": pa.array([d.astype(np.float32).tolist() for d in doc_emb], pa.list_(pa.float32())),
+        })
+
+
+def embed_hash(cfg: Config) -> str:
+    return section_hash(cfg, "data", "embed")
+
+
+def run_embed(cfg: Config, out: Path) -> dict:
+    import ray
+
+    from .raysetup import init_ray
+
+    target = out / EMBEDDINGS
+    stamp = target / "_hash"
+    if stamp.is_file() and stamp.read_text() == embed_hash(cfg):
+        return {"skipped": True, "path": str(target)}
+    init_ray(cfg)
+    t0 = time.time()
+    gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.embed.device != "cpu"
+    ds = ray.data.read_parquet(str(out / USERS_FILE), columns=["user_id", "history"])
+    ds = ds.map_batches(EmbedUsers, fn_constructor_args=(cfg,), batch_size=cfg.embed.batch_size,
+                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency),
+                        num_gpus=1 if gpu else 0)
+    tmp = out / f".{EMBEDDINGS}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp))
+    (tmp / "_hash").write_text(embed_hash(cfg))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    save_resolved(cfg, out, "embed")
+    return {"skipped": False, "path": str(target), "seconds": round(time.time() - t0, 1)}
+
+
+def load_embeddings(out: Path) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    path = out / EMBEDDINGS
+    if not path.is_dir():
+        from .errors import InputError
+        raise InputError(str(path), "embeddings not found (run `mta-ray embed` first)")
+    return pq.read_table(str(path), schema=None).select(["user_id", "n_items", "cluster_emb", "retrieval_emb"])

@@ -1,0 +1,37 @@
+"""Users -> tokenised training examples and query prompts (chat template, truncation)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .tasks import Task
+from .trainer import IGNORE, Example
+
+
+def prompt_ids(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt, wrapped as a user turn when the tokenizer has a chat template."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_pair(tokenizer: Any, prompt: str, target: str, max_tokens: int, chat_template: bool) -> Example:
+    """(prompt, target) -> ids with loss on the target (+ EOS) only; long prompts lose their start."""
+    p = prompt_ids(tokenizer, prompt, chat_template)
+    t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    t = t[: max_tokens // 2]
+    p = p[-(max_tokens - len(t)):]
+    return Example(p + t, [IGNORE] * len(p) + t)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, max_tokens: int, chat_template: bool) -> list[int]:
+    return prompt_ids(tokenizer, prompt, chat_template)[-max_tokens:]
+
+
+def user_examples(task: Task, history: Sequence[dict], tokenizer: Any, k: int, max_tokens: int,
+                  chat_template: bool, negatives: Sequence[str] = ()) -> list[Example]:
+    """One training example per history item (BM25 leave-one-out context of k items)."""
+    return [encode_pair(tokenizer, p, t, max_tokens, chat_template)
+            for p, t in task.training_pairs(history, k, negatives)]

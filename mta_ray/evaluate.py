@@ -1,0 +1,188 @@
+"""Stage ``evaluate``: LaMP metrics for MTA and the baselines through the same prompts and machinery.
+
+Methods (``eval.methods``): ``base`` (no training, RAG prompt with
+``data.history_k`` items), ``rag_k1/3/5`` (BM25 top-k history in the prompt),
+``oppu`` (a per-user LoRA from scratch), ``adapt_only`` (stacked adapter on the
+bare base), ``merged_only`` (merged anchors, no stacked adapter) and ``mta``.
+Each row of a generation batch uses its own user's adapters. 95% intervals
+come from a bootstrap over users; ``comparisons`` holds paired bootstrap
+differences of MTA against every other method on the same users.
+
+Run: ``mta-ray evaluate configs/demo.yaml --out runs/demo`` (after ``personalize``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Config, save_resolved, to_dict
+from .data import load_users
+from .fsutil import atomic_write_text
+from .metrics import HIGHER_IS_BETTER, score
+from .personalize import retrieval_plan, store_dir
+from .prepare import USERS_FILE
+from .store import AdapterStore
+from .tasks import get_task
+
+RAG_K = {"rag_k1": 1, "rag_k3": 3, "rag_k5": 5}
+NEEDS_STORE = {"mta": "mta", "adapt_only": "adapt_only", "oppu": "oppu"}
+
+
+def required_kinds(cfg: Config) -> list[str]:
+    return [NEEDS_STORE[m] for m in cfg.eval.methods if m in NEEDS_STORE]
+
+
+def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict) -> list[dict[str, Any]]:
+    task = get_task(cfg.data.task)
+    k = RAG_K.get(method, cfg.data.history_k)
+    rows = AdapterStore(store_dir(out, NEEDS_STORE[method])).rows_by_user() if method in NEEDS_STORE else {}
+    reqs = []
+    for ui, u in enumerate(users):
+        for q in u["queries"]:
+            r: dict[str, Any] = {"user": ui, "gold": q["gold"],
+                                 "prompt": task.query_prompt(q["input"], u["history"], k)}
+            if method in ("mta", "merged_only"):
+                r["anchors"], r["weights"] = plan[u["user_id"]]
+            if method in rows or method in NEEDS_STORE:
+                row = rows.get(u["user_id"])
+                if row is not None and row["status"] == "ok":
+                    r["store"], r["row"] = str(store_dir(out, NEEDS_STORE[method])), row
+            reqs.append(r)
+    return reqs
+
+
+def bootstrap(task, users_of: np.ndarray, preds: list[str], golds: list[str], n_users: int, samples: int,
+              seed: int) -> dict[str, list[float]]:
+    rng = np.random.default_rng(seed)
+    by_user = [np.flatnonzero(users_of == u) for u in range(n_users)]
+    draws: dict[str, list[float]] = {}
+    for _ in range(samples):
+        idx = np.concatenate([by_user[u] for u in rng.integers(0, n_users, n_users)])
+        for name, v in score(task, [preds[i] for i in idx], [golds[i] for i in idx]).items():
+            draws.setdefault(name, []).append(v)
+    return draws
+
+
+def run_evaluate(cfg: Config, out: Path, timing: dict | None = None) -> dict:
+    import ray
+
+    from .raysetup import init_ray
+    from .workers import start_workers
+
+    t0 = time.time()
+    task = get_task(cfg.data.task)
+    users = [u for u in load_users(out / USERS_FILE, ["user_id", "history", "queries"]).to_pylist() if u["queries"]]
+    plan = retrieval_plan(cfg, out, [u["user_id"] for u in users])
+    init_ray(cfg)
+    workers = start_workers(cfg, out / "bank")
+    targets = sorted(set(cfg.adapt.target_modules) | set(cfg.bank.target_modules))
+    results: dict[str, dict] = {}
+    per_method: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
+    try:
+        for method in cfg.eval.methods:
+            reqs = _requests(cfg, out, method, users, plan)
+            tg = cfg.oppu.target_modules if method == "oppu" else targets
+            shares = [reqs[i::len(workers)] for i in range(len(workers))]
+            outs = ray.get([w.generate.remote(s, tg) for w, s in zip(workers, shares) if s])
+            texts: list[str] = [""] * len(reqs)
+            for wi, o in enumerate(outs):
+                for j, t in enumerate(o):
+                    texts[wi + j * len(workers)] = t
+            preds = [task.parse_output(t) for t in texts]
+            golds = [r["gold"] for r in reqs]
+            users_of = np.array([r["user"] for r in reqs])
+            per_method[method] = (preds, golds, users_of)
+            draws = bootstrap(task, users_of, preds, golds, len(users), cfg.eval.bootstrap, cfg.seed)
+            results[method] = {"metrics": score(task, preds, golds), "n": len(reqs),
+                               "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                                        for k, v in draws.items()},
+                               "examples": [{"prompt_tail": reqs[i]["prompt"][-160:], "output": texts[i],
+                                             "gold": golds[i]} for i in range(min(3, len(reqs)))]}
+            print(f"evaluate: {method}: {results[method]['metrics']}", flush=True)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    report = {"task": task.name, "config": to_dict(cfg), "methods": results,
+              "comparisons": _comparisons(task, per_method, len(users), cfg),
+              "timing": {**(timing or {}), "evaluate_s": round(time.time() - t0, 1)},
+              "storage": storage(out)}
+    report["verdict"] = _verdict(report)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(report))
+    save_resolved(cfg, out, "evaluate")
+    return report
+
+
+def primary_metric(task) -> str:
+    return {"classification": "accuracy", "regression": "mae", "generation": "rouge1"}[task.kind]
+
+
+def _comparisons(task, per_method: dict, n_users: int, cfg: Config) -> dict:
+    """Paired bootstrap of the primary metric: MTA minus each other method, same users."""
+    if "mta" not in per_method:
+        return {}
+    name = primary_metric(task)
+    rng = np.random.default_rng(cfg.seed + 1)
+    users_of = per_method["mta"][2]
+    by_user = [np.flatnonzero(users_of == u) for u in range(n_users)]
+    draws = [np.concatenate([by_user[u] for u in rng.integers(0, n_users, n_users)])
+             for _ in range(cfg.eval.bootstrap)]
+    sign = 1 if HIGHER_IS_BETTER[name] else -1
+    out = {}
+    mp, mg, _ = per_method["mta"]
+    for other, (op, og, _) in per_method.items():
+        if other == "mta":
+            continue
+        diffs = [sign * (score(task, [mp[i] for i in d], [mg[i] for i in d])[name]
+                         - score(task, [op[i] for i in d], [og[i] for i in d])[name]) for d in draws]
+        point = sign * (score(task, mp, mg)[name] - score(task, op, og)[name])
+        out[other] = {"metric": name, "mta_advantage": point,
+                      "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))],
+                      "p_not_better": float(np.mean(np.array(diffs) <= 0))}
+    return out
+
+
+def _verdict(report: dict) -> dict:
+    comp = report["comparisons"]
+    return {other: ("better" if c["mta_advantage"] > 0 else "not better") + (
+        " (95% CI excludes 0)" if c["ci95"][0] > 0 else "") for other, c in comp.items()}
+
+
+def storage(out: Path) -> dict:
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+    s = {"bank_bytes": size(out / "bank")}
+    for kind in ("mta", "adapt_only", "oppu"):
+        d = store_dir(out, kind)
+        if d.exists():
+            n = len(AdapterStore(d).stored_users())
+            s[f"{kind}_bytes"] = size(d)
+            s[f"{kind}_bytes_per_user"] = size(d) // max(1, n)
+    return s
+
+
+def render_markdown(report: dict) -> str:
+    methods = report["methods"]
+    names = list(next(iter(methods.values()))["metrics"]) if methods else []
+    lines = [f"# mta_ray report: {report['task']}", "",
+             "| method | n | " + " | ".join(names) + " |", "| --- | ---: | " + " | ".join("---:" for _ in names) + " |"]
+    for m, r in methods.items():
+        cells = [f"{r['metrics'][k]:.4f} [{r['ci95'][k][0]:.3f}, {r['ci95'][k][1]:.3f}]" for k in names]
+        lines.append(f"| {m} | {r['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "Brackets: 95% bootstrap intervals over users.", ""]
+    if report["comparisons"]:
+        lines += ["## MTA against each method (paired bootstrap, same users)", "",
+                  "| vs | metric | MTA advantage | 95% CI | verdict |", "| --- | --- | ---: | --- | --- |"]
+        for other, c in report["comparisons"].items():
+            lines.append(f"| {other} | {c['metric']} | {c['mta_advantage']:+.4f} | "
+                         f"[{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | {report['verdict'][other]} |")
+        lines.append("")
+    lines += ["## Timing (s)", "", *[f"- {k}: {v}" for k, v in report["timing"].items()], "",
+              "## Storage (bytes)", "", *[f"- {k}: {v}" for k, v in report["storage"].items()], ""]
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""The Ray actor that keeps one base model resident and trains or generates for many users.
+
+Bank, personalize and evaluate all use it: a worker loads the base once,
+loads the bank's anchor LoRAs once, and then serves batches of users: it
+builds their examples, merges their anchors (the merge happens where the bank
+is, so only anchor ids and weights cross the network), runs the multi-slot
+trainer, and returns each user's adapter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from .config import Config, LoraTrainConfig
+from .encoding import encode_prompt, user_examples
+from .lora import Lora, load_peft, merge
+from .tasks import get_task
+from .trainer import Job, MultiSlotTrainer
+
+
+def train_config(cfg: Config, kind: str) -> LoraTrainConfig:
+    return {"anchor": cfg.bank, "mta": cfg.adapt, "adapt_only": cfg.adapt, "oppu": cfg.oppu}[kind]
+
+
+def merged_rank(cfg: Config) -> int:
+    return cfg.bank.rank * (cfg.merge.top_k if cfg.merge.space == "delta" else 1)
+
+
+@ray.remote(max_restarts=2, max_task_retries=2)
+class ModelWorker:
+    def __init__(self, cfg: Config, bank_dir: str | None, threads: int):
+        from .models import load_base
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.tokenizer = load_base(cfg.model, self.device)
+        self.task = get_task(cfg.data.task)
+        self.bank: dict[str, Lora] = {}
+        if bank_dir and Path(bank_dir, "manifest.json").is_file():
+            import json
+            manifest = json.loads(Path(bank_dir, "manifest.json").read_text())
+            for a in manifest["anchors"]:
+                self.bank[a["anchor_id"]] = load_peft(Path(bank_dir) / a["path"])
+
+    def node(self) -> str:
+        return f"{os.uname().nodename}:{self.device}"
+
+    def merged_for(self, anchors: list[str], weights: list[float]) -> Lora | None:
+        if not anchors:
+            return None
+        return merge([self.bank[a] for a in anchors], weights, self.cfg.merge.space)
+
+    def train(self, kind: str, users: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Train one adapter per user; ``users``: {user_id, history, anchors, weights, negatives?}."""
+        cfg = self.cfg
+        tcfg = train_config(cfg, kind)
+        jobs = []
+        for u in users:
+            examples = [ex for h in u.get("histories", [u.get("history")])
+                        for ex in user_examples(self.task, h, self.tokenizer, cfg.data.history_k,
+                                                cfg.model.max_prompt_tokens, cfg.model.chat_template,
+                                                u.get("negatives", ()))]
+            merged = self.merged_for(u.get("anchors", []), u.get("weights", [])) if kind == "mta" else None
+            jobs.append(Job(u["user_id"], examples, merged=merged, seed=cfg.seed))
+        R = merged_rank(cfg) if kind == "mta" else 0
+        trainer = MultiSlotTrainer(self.model, tcfg, slots=max(1, min(cfg.adapt.slots, len(jobs))),
+                                   merged_rank=R, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed)
+        try:
+            results = trainer.run(jobs)
+        finally:
+            trainer.close()
+        return [{"user_id": r.user_id, "lora": r.lora, "steps": r.steps, "final_loss": r.final_loss,
+                 "status": r.status, "error": r.error} for r in results]
+
+    def generate(self, requests: list[dict[str, Any]], targets: list[str]) -> list[str]:
+        """Greedy answers; each request: {prompt, anchors, weights, store, row} (store/row: stacked adapter)."""
+        from .generation import generate
+        from .store import AdapterStore
+
+        cfg = self.cfg
+        max_new = cfg.eval.max_new_tokens or self.task.max_new_tokens
+        out: list[str] = []
+        bs = cfg.eval.batch_size
+        for i in range(0, len(requests), bs):
+            chunk = requests[i:i + bs]
+            prompts = [encode_prompt(self.tokenizer, r["prompt"], cfg.model.max_prompt_tokens,
+                                     cfg.model.chat_template) for r in chunk]
+            merged = [self.merged_for(r.get("anchors", []), r.get("weights", [])) for r in chunk]
+            stacked = [AdapterStore(r["store"]).load(r["row"]) if r.get("store") else None for r in chunk]
+            out += generate(self.model, self.tokenizer, prompts, max_new, merged, stacked, targets)
+        return out
+
+
+def start_workers(cfg: Config, bank_dir: Path | None) -> list[Any]:
+    """One resident-model worker per GPU (or the CPU share); see :func:`raysetup.worker_plan`."""
+    from .raysetup import worker_plan
+
+    plan = worker_plan(cfg)
+    return [ModelWorker.options(**plan.options).remote(cfg, str(bank_dir) if bank_dir else None, plan.threads)
+            for _ in range(plan.count)]

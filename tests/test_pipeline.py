@@ -1,0 +1,130 @@
+"""End to end on a local Ray with a tiny model: run, export, and a killed personalize resumed."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mta_ray.cli import main
+from mta_ray.config import METHODS, load_config
+from mta_ray.store import AdapterStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs/demo.yaml")
+SMALL = ["data.synthetic.num_users=8", "data.synthetic.active_items=10", "data.synthetic.queries_per_user=1",
+         "adapt.epochs=1", "bank.epochs=1", "oppu.epochs=1", "eval.bootstrap=50", "model.max_prompt_tokens=192",
+         "eval.max_new_tokens=4", "bank.num_clusters=4"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, model_cache):
+    """A tiny random Llama with SmolLM2's real tokenizer, saved as a local model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mta_ray.config import ModelConfig
+    from mta_ray.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=512, tie_word_embeddings=True))
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["run", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
+    yield out
+    import ray
+    ray.shutdown()
+
+
+def test_run_produces_a_report_with_every_method(run_dir):
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["task"] == "lamp2"
+    assert set(report["methods"]) == set(METHODS)
+    for name, m in report["methods"].items():
+        assert m["n"] == 8 and set(m["metrics"]) == {"accuracy", "f1"}
+        assert m["ci95"]["accuracy"][0] <= m["metrics"]["accuracy"] <= m["ci95"]["accuracy"][1]
+    assert set(report["comparisons"]) == set(METHODS) - {"mta"}
+    assert report["storage"]["mta_bytes_per_user"] > 0 and report["timing"]["evaluate_s"] > 0
+    assert "| mta |" in (run_dir / "report.md").read_text()
+    manifest = json.loads((run_dir / "bank" / "manifest.json").read_text())
+    assert len(manifest["anchors"]) >= 1
+    for kind in ("mta", "adapt_only", "oppu"):
+        ids = AdapterStore(run_dir / "adapters" / kind).index().column("user_id").to_pylist()
+        assert sorted(ids) == sorted(set(ids)) and len(ids) == 8   # every user stored exactly once
+    for stage in ("prepare", "embed", "cluster", "bank", "personalize-mta", "evaluate"):
+        assert (run_dir / f"{stage}.config.yaml").is_file()
+
+
+def test_rerun_skips_finished_work(run_dir, tiny_model_dir, capsys):
+    assert main(["personalize", DEMO, "--out", str(run_dir), f"model.base={tiny_model_dir}", *SMALL]) == 0
+    assert "'skipped': True" in capsys.readouterr().out
+
+
+def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mta_ray.export import personalised_lora
+    from mta_ray.multilora import inject, set_stacked
+
+    user = "synth-00005"
+    assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "adapter"),
+                 f"model.base={tiny_model_dir}", *SMALL, f"user_id={user}"]) == 0
+    cfg = load_config(DEMO, [f"model.base={tiny_model_dir}", *SMALL])
+    lora, _ = personalised_lora(cfg, run_dir, user)
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    router, layers = inject(ours, ["all-linear"], slots=1, rank=max(p.A.shape[0] for p in lora.values()))
+    set_stacked(layers, 0, lora)
+    router.rows = torch.tensor([0])
+    ids = torch.randint(0, 1000, (1, 12))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                           str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.allclose(peft_model(ids).logits, ours(ids).logits, atol=1e-4)
+        assert not torch.allclose(peft_model(ids).logits,
+                                  AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits, atol=1e-4)
+
+
+def test_unknown_user_export_is_an_input_error(run_dir, tiny_model_dir, tmp_path, capsys):
+    assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "x"),
+                 f"model.base={tiny_model_dir}", "user_id=nobody"]) == 2
+    assert "user 'nobody' is not personalised" in capsys.readouterr().err
+
+
+def test_killed_personalize_resumes_and_stores_every_user_once(run_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("adapters"))
+    cmd = [sys.executable, "-m", "mta_ray.cli", "personalize", DEMO, "--out", str(out),
+           f"model.base={tiny_model_dir}", *SMALL, "adapt.epochs=40", "adapt.slots=1", "adapt.shard_users=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    store = out / "adapters" / "mta"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(store.glob("index-*.parquet")):
+        time.sleep(0.5)
+    import os
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray workers die mid-run
+    proc.wait()
+    partial = AdapterStore(store).index().column("user_id").to_pylist()
+    assert 1 <= len(partial) < 8
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = AdapterStore(store).index().column("user_id").to_pylist()
+    assert len(ids) == 8 and len(set(ids)) == 8
+    assert set(partial) <= set(ids)
