@@ -7,6 +7,7 @@ Run: ``mta-ray <command> CONFIG [--out DIR] [key=value ...]``, e.g.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -49,28 +50,13 @@ def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_embed(cfg: Config, args: argparse.Namespace) -> int:
-    from .embed import run_embed
-    print(f"embed: {run_embed(cfg, args.out)}")
-    return 0
-
-
-def _cmd_cluster(cfg: Config, args: argparse.Namespace) -> int:
-    from .clustering import run_cluster
-    print(f"cluster: {run_cluster(cfg, args.out)}")
-    return 0
-
-
-def _cmd_bank(cfg: Config, args: argparse.Namespace) -> int:
-    from .bank import run_bank
-    print(f"bank: {run_bank(cfg, args.out)}")
-    return 0
-
-
-def _cmd_personalize(cfg: Config, args: argparse.Namespace) -> int:
-    from .personalize import run_personalize
-    print(f"personalize: {run_personalize(cfg, args.out, args.kind)}")
-    return 0
+def _stage(module: str, func: str, *arg_names: str) -> Callable[[Config, argparse.Namespace], int]:
+    """A command that runs one stage function ``mta_ray.<module>.<func>(cfg, out, *args)`` and prints its summary."""
+    def run(cfg: Config, args: argparse.Namespace) -> int:
+        fn = getattr(importlib.import_module(f"mta_ray.{module}"), func)
+        print(f"{args.command}: {fn(cfg, args.out, *(getattr(args, a) for a in arg_names))}")
+        return 0
+    return run
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
@@ -114,10 +100,11 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "prepare": (_cmd_prepare, "read LaMP/processed/synthetic users into <out>/users.parquet"),
-    "embed": (_cmd_embed, "embed users' histories (Ray Data)"),
-    "cluster": (_cmd_cluster, "K-Means users and pick anchors"),
-    "bank": (_cmd_bank, "train one LoRA per anchor (Ray actors)"),
-    "personalize": (_cmd_personalize, "merge-then-adapt every user (or train a baseline's adapters)"),
+    "embed": (_stage("embed", "run_embed"), "embed users' histories (Ray Data)"),
+    "cluster": (_stage("clustering", "run_cluster"), "K-Means users and pick anchors"),
+    "bank": (_stage("bank", "run_bank"), "train one LoRA per anchor (Ray actors)"),
+    "personalize": (_stage("personalize", "run_personalize", "kind"),
+                    "merge-then-adapt every user (or train a baseline's adapters)"),
     "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
     "bench": (_cmd_bench, "throughput / scalability benchmarks"),

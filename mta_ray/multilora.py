@@ -125,36 +125,32 @@ def restore(model: nn.Module, layers: dict[str, MultiSlotLinear]) -> None:
 
 # --------------------------------------------------------------------------- slot I/O
 
+def _write_slot(A_all: torch.Tensor, B_all: torch.Tensor, slot: int, pair: LoraPair | None) -> None:
+    """Put one (A, B) pair into a slot of (S, r, in) / (S, out, r) storage, zero-padding the rank."""
+    A_all[slot].zero_()
+    B_all[slot].zero_()
+    if pair is None:
+        return
+    A, B = pair
+    k = A.shape[0]
+    if k > A_all.shape[1]:
+        raise ValueError(f"adapter rank {k} exceeds the layer's capacity {A_all.shape[1]}")
+    A_all[slot, :k] = A.to(A_all)
+    B_all[slot, :, :k] = B.to(B_all)
+
+
 @torch.no_grad()
 def set_merged(layers: dict[str, MultiSlotLinear], slot: int, lora: Lora | None) -> None:
     """Load a frozen merged LoRA (scaling folded in B) into one slot; None clears it."""
     for name, layer in layers.items():
-        layer.merged_A[slot].zero_()
-        layer.merged_B[slot].zero_()
-        if lora is None or name not in lora:
-            continue
-        A, B = lora[name]
-        k = A.shape[0]
-        if k > layer.merged_A.shape[1]:
-            raise ValueError(f"merged rank {k} exceeds the layer's capacity {layer.merged_A.shape[1]}")
-        layer.merged_A[slot, :k] = A.to(layer.merged_A)
-        layer.merged_B[slot, :, :k] = B.to(layer.merged_B)
+        _write_slot(layer.merged_A, layer.merged_B, slot, lora.get(name) if lora else None)
 
 
 @torch.no_grad()
 def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> None:
     """Load raw (unscaled) trainable factors into one slot; modules it lacks get zeros."""
     for name, layer in layers.items():
-        layer.lora_A[slot].zero_()
-        layer.lora_B[slot].zero_()
-        if name not in raw:
-            continue
-        A, B = raw[name]
-        k = A.shape[0]
-        if k > layer.lora_A.shape[1]:
-            raise ValueError(f"adapter rank {k} exceeds the layer's rank {layer.lora_A.shape[1]}")
-        layer.lora_A[slot, :k] = A.to(layer.lora_A)
-        layer.lora_B[slot, :, :k] = B.to(layer.lora_B)
+        _write_slot(layer.lora_A, layer.lora_B, slot, raw.get(name))
 
 
 @torch.no_grad()

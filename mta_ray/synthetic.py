@@ -18,8 +18,11 @@ Why MTA should help here (and the ground truth is known):
   both topics: the natural anchors (most active users). Retrieval by history
   text finds the same-persona anchor (it shares the user's topic and answers),
   so the merged LoRA carries the missing answer and the stacked adapter adds the
-  user's own items. Expected order: ``mta`` >= ``merged_only`` > ``adapt_only``,
-  ``base`` and RAG (which only see the user's own, other-topic items).
+  user's own items. ``mta`` and ``merged_only`` should beat ``adapt_only``,
+  ``oppu``, ``base`` and RAG, which only see the user's own, other-topic items.
+  Measured (``make demo``): mta 0.47 accuracy, merged_only 0.63, all others 0.0;
+  the stacked adapter, trained only on the other topic, pulls some answers
+  toward that topic's tag, so here merged_only beats mta.
 
 Seeded and deterministic: the same config always yields the same users.
 """

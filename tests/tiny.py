@@ -5,39 +5,31 @@ from __future__ import annotations
 import torch
 
 
-def tiny_llama(seed: int = 0, vocab: int = 96):
-    from transformers import LlamaConfig, LlamaForCausalLM
+SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128)
+
+
+def _tiny(config_cls: str, model_cls: str, seed: int, vocab: int, **extra):
+    import transformers
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
+    cfg = getattr(transformers, config_cls)(vocab_size=vocab, **SIZES, **extra)
     cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg).eval()
+    model = getattr(transformers, model_cls)(cfg).eval()
     model.requires_grad_(False)
     return model
+
+
+def tiny_llama(seed: int = 0, vocab: int = 96):
+    return _tiny("LlamaConfig", "LlamaForCausalLM", seed, vocab, tie_word_embeddings=False)
 
 
 def tiny_qwen2(seed: int = 0, vocab: int = 96):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    model = Qwen2ForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return model
+    return _tiny("Qwen2Config", "Qwen2ForCausalLM", seed, vocab)
 
 
 def tiny_gemma(seed: int = 0, vocab: int = 96):
-    from transformers import GemmaConfig, GemmaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = GemmaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
-    model = GemmaForCausalLM(cfg).eval()
-    model.requires_grad_(False)
-    return model
+    return _tiny("GemmaConfig", "GemmaForCausalLM", seed, vocab, head_dim=8)
 
 
 def random_lora(model, names, rank: int, seed: int, scale: float = 0.05):
