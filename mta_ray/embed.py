@@ -74,7 +74,7 @@ def run_embed(cfg: Config, out: Path) -> dict:
     init_ray(cfg)
     t0 = time.time()
     gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.embed.device != "cpu"
-    ds = ray.data.read_parquet(str(out / USERS_FILE), columns=["user_id", "history"])
+    ds = ray.data.read_parquet(str(out / USERS_FILE)).select_columns(["user_id", "history"])
     ds = ds.map_batches(EmbedUsers, fn_constructor_args=(cfg,), batch_size=cfg.embed.batch_size,
                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency),
                         num_gpus=1 if gpu else 0)
