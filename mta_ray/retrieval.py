@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-import bm25s
+import os
+
+# bm25s imports JAX when it is installed, and JAX grabs 75% of every GPU it sees in each process
+# that imports this module (the driver, every Ray worker). BM25 needs no GPU: keep JAX on the CPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import bm25s  # noqa: E402
 import numpy as np
 
 
@@ -19,12 +26,13 @@ class HistoryIndex:
         if self.size:
             corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
             self._vocab = corpus.vocab
-            self._retriever = bm25s.BM25()
-            self._retriever.index(corpus, show_progress=False)
+            if any(w for w in self._vocab):  # only stopwords / symbols: nothing to index, all scores 0
+                self._retriever = bm25s.BM25()
+                self._retriever.index(corpus, show_progress=False)
 
     def scores(self, query: str) -> np.ndarray:
-        if not self.size:
-            return np.zeros(0)
+        if self._retriever is None:
+            return np.zeros(self.size)
         words = [w for w in _tokens([query])[0] if w in self._vocab]
         if not words:
             return np.zeros(self.size)

@@ -63,6 +63,7 @@ def test_bm25_top_k_is_deterministic_and_leave_one_out():
     assert idx.top_k("red apple", 2, exclude=3) == [0, 1]
     assert idx.top_k("nothing matches", 2) == [0, 1]   # ties: earlier first
     assert HistoryIndex([]).top_k("x", 3) == []
+    assert HistoryIndex(["a", "the", "!!"]).top_k("the a", 2, exclude=0) == [1, 2]  # nothing indexable
 
 
 def test_lamp1_pairs_are_two_choice_questions():
