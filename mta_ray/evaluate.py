@@ -48,7 +48,7 @@ def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict
                                  "prompt": task.query_prompt(q["input"], u["history"], k)}
             if method in ("mta", "merged_only"):
                 r["anchors"], r["weights"] = plan[u["user_id"]]
-            if method in rows or method in NEEDS_STORE:
+            if method in NEEDS_STORE:  # a user whose training failed falls back to the bare base
                 row = rows.get(u["user_id"])
                 if row is not None and row["status"] == "ok":
                     r["store"], r["row"] = str(store_dir(out, NEEDS_STORE[method])), row
