@@ -128,3 +128,31 @@ def test_killed_personalize_resumes_and_stores_every_user_once(run_dir, tiny_mod
     ids = AdapterStore(store).index().column("user_id").to_pylist()
     assert len(ids) == 8 and len(set(ids)) == 8
     assert set(partial) <= set(ids)
+
+
+def test_killed_worker_actor_is_restarted_and_its_users_retried(run_dir, tiny_model_dir, tmp_path):
+    """A model worker dies mid-task: Ray restarts it, retries its batch, every user is stored once."""
+    import os
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("adapters"))
+    cmd = [sys.executable, "-m", "mta_ray.cli", "personalize", DEMO, "--out", str(out),
+           f"model.base={tiny_model_dir}", *SMALL, "adapt.epochs=60", "adapt.slots=2", "adapt.shard_users=1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    store = out / "adapters" / "mta"
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        time.sleep(0.5)
+        if list(store.glob("index-*.parquet")):   # the worker is busy with its next batch
+            pids = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "ray::ModelWorker"],  # this run's only
+                                  capture_output=True, text=True).stdout.split()
+            if pids:
+                killed = int(pids[0])
+                os.kill(killed, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, output[-3000:]
+    ids = AdapterStore(store).index().column("user_id").to_pylist()
+    assert len(ids) == 8 and len(set(ids)) == 8
