@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .config import Config, LoraTrainConfig, save_resolved
 from .fsutil import atomic_write_text
-from .lora import Lora, LoraPair, fold_into, merge_delta
+from .lora import LoraPair, fold_into, merge_delta, scaled
 from .multilora import target_module_names
 from .trainer import Example, Job, MultiSlotTrainer, plan_windows, user_seed
 
@@ -153,8 +153,7 @@ def run_baseline(model: Any, jobs: list[Job], train: LoraTrainConfig, device: st
         state = {k: v.detach().to("cpu") for k, v in peft_model.state_dict().items() if "lora_" in k}
         assert state
         model = peft_model.unload()
-        negated = {k: LoraPair(p.A, -p.B) for k, p in job.merged.items()}
-        fold_into(model, negated)
+        fold_into(model, scaled(job.merged, -1.0))
         finals.append(loss_value)
     model.eval()
     return finals

@@ -24,23 +24,23 @@ from .config import Config, save_resolved, to_dict
 from .data import load_users
 from .fsutil import atomic_write_text
 from .metrics import HIGHER_IS_BETTER, score
-from .personalize import retrieval_plan, store_dir
+from .personalize import KINDS, retrieval_plan, store_dir
 from .prepare import USERS_FILE
 from .store import AdapterStore
 from .tasks import get_task
 
 RAG_K = {"rag_k1": 1, "rag_k3": 3, "rag_k5": 5}
-NEEDS_STORE = {"mta": "mta", "adapt_only": "adapt_only", "oppu": "oppu"}
 
 
 def required_kinds(cfg: Config) -> list[str]:
-    return [NEEDS_STORE[m] for m in cfg.eval.methods if m in NEEDS_STORE]
+    """Methods that evaluate per-user adapters are named after the personalize kind that trains them."""
+    return [m for m in cfg.eval.methods if m in KINDS]
 
 
 def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict) -> list[dict[str, Any]]:
     task = get_task(cfg.data.task)
     k = RAG_K.get(method, cfg.data.history_k)
-    rows = AdapterStore(store_dir(out, NEEDS_STORE[method])).rows_by_user() if method in NEEDS_STORE else {}
+    rows = AdapterStore(store_dir(out, method)).rows_by_user() if method in KINDS else {}
     reqs = []
     for ui, u in enumerate(users):
         for q in u["queries"]:
@@ -48,21 +48,25 @@ def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict
                                  "prompt": task.query_prompt(q["input"], u["history"], k)}
             if method in ("mta", "merged_only"):
                 r["anchors"], r["weights"] = plan[u["user_id"]]
-            if method in NEEDS_STORE:  # a user whose training failed falls back to the bare base
+            if method in KINDS:  # a user whose training failed falls back to the bare base
                 row = rows.get(u["user_id"])
                 if row is not None and row["status"] == "ok":
-                    r["store"], r["row"] = str(store_dir(out, NEEDS_STORE[method])), row
+                    r["store"], r["row"] = str(store_dir(out, method)), row
             reqs.append(r)
     return reqs
 
 
-def bootstrap(task, users_of: np.ndarray, preds: list[str], golds: list[str], n_users: int, samples: int,
-              seed: int) -> dict[str, list[float]]:
+def user_resamples(users_of: np.ndarray, n_users: int, samples: int, seed: int) -> list[np.ndarray]:
+    """Bootstrap over users: each resample draws n_users users with replacement, with all their queries."""
     rng = np.random.default_rng(seed)
     by_user = [np.flatnonzero(users_of == u) for u in range(n_users)]
+    return [np.concatenate([by_user[u] for u in rng.integers(0, n_users, n_users)]) for _ in range(samples)]
+
+
+def bootstrap(task, users_of: np.ndarray, preds: list[str], golds: list[str], n_users: int, samples: int,
+              seed: int) -> dict[str, list[float]]:
     draws: dict[str, list[float]] = {}
-    for _ in range(samples):
-        idx = np.concatenate([by_user[u] for u in rng.integers(0, n_users, n_users)])
+    for idx in user_resamples(users_of, n_users, samples, seed):
         for name, v in score(task, [preds[i] for i in idx], [golds[i] for i in idx]).items():
             draws.setdefault(name, []).append(v)
     return draws
@@ -127,11 +131,7 @@ def _comparisons(task, per_method: dict, n_users: int, cfg: Config) -> dict:
     if "mta" not in per_method:
         return {}
     name = primary_metric(task)
-    rng = np.random.default_rng(cfg.seed + 1)
-    users_of = per_method["mta"][2]
-    by_user = [np.flatnonzero(users_of == u) for u in range(n_users)]
-    draws = [np.concatenate([by_user[u] for u in rng.integers(0, n_users, n_users)])
-             for _ in range(cfg.eval.bootstrap)]
+    draws = user_resamples(per_method["mta"][2], n_users, cfg.eval.bootstrap, cfg.seed + 1)
     sign = 1 if HIGHER_IS_BETTER[name] else -1
     out = {}
     mp, mg, _ = per_method["mta"]

@@ -103,10 +103,11 @@ def torch_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig, src: str | None = None) -> Any:
+    """The base's tokenizer (pad = EOS when it has none); ``src`` skips resolving the source again."""
     from transformers import AutoTokenizer
 
-    src = model_source(cfg)
+    src = src or model_source(cfg)
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError) as exc:
@@ -127,7 +128,7 @@ def load_base(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
         raise InputError("model.base", f"cannot load model from {src!r}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     model.requires_grad_(False)
-    return model, load_tokenizer(cfg)
+    return model, load_tokenizer(cfg, src)
 
 
 def load_encoder(ref: str, device: str = "cpu", max_seq_length: int = 256, key: str = "embed") -> Any:

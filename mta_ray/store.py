@@ -87,9 +87,6 @@ class AdapterStore:
     def rows_by_user(self) -> dict[str, dict]:
         return {r["user_id"]: r for r in self.index().to_pylist()}
 
-    def bytes_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.path.glob("*") if p.is_file())
-
     # ------------------------------------------------------------------ writing
     def add(self, user_id: str, lora: Lora | None, anchors: list[str], weights: list[float], steps: int,
             final_loss: float, status: str = "ok", error: str = "") -> None:

@@ -43,11 +43,20 @@ class ModelWorker:
         self.model, self.tokenizer = load_base(cfg.model, self.device)
         self.task = get_task(cfg.data.task)
         self.bank: dict[str, Lora] = {}
+        self._stores: dict[str, Any] = {}
         if bank_dir and Path(bank_dir, "manifest.json").is_file():
             import json
             manifest = json.loads(Path(bank_dir, "manifest.json").read_text())
             for a in manifest["anchors"]:
                 self.bank[a["anchor_id"]] = load_peft(Path(bank_dir) / a["path"])
+
+    def _store(self, path: str) -> Any:
+        """One AdapterStore per folder (its layout is read once, not per request)."""
+        from .store import AdapterStore
+
+        if path not in self._stores:
+            self._stores[path] = AdapterStore(path)
+        return self._stores[path]
 
     def node(self) -> str:
         return f"{os.uname().nodename}:{self.device}"
@@ -82,7 +91,6 @@ class ModelWorker:
     def generate(self, requests: list[dict[str, Any]], targets: list[str]) -> list[str]:
         """Greedy answers; each request: {prompt, anchors, weights, store, row} (store/row: stacked adapter)."""
         from .generation import generate
-        from .store import AdapterStore
 
         cfg = self.cfg
         max_new = cfg.eval.max_new_tokens or self.task.max_new_tokens
@@ -93,7 +101,7 @@ class ModelWorker:
             prompts = [encode_prompt(self.tokenizer, r["prompt"], cfg.model.max_prompt_tokens,
                                      cfg.model.chat_template) for r in chunk]
             merged = [self.merged_for(r.get("anchors", []), r.get("weights", [])) for r in chunk]
-            stacked = [AdapterStore(r["store"]).load(r["row"]) if r.get("store") else None for r in chunk]
+            stacked = [self._store(r["store"]).load(r["row"]) if r.get("store") else None for r in chunk]
             out += generate(self.model, self.tokenizer, prompts, max_new, merged, stacked, targets)
         return out
 
