@@ -31,12 +31,16 @@ def bank_hash(cfg: Config) -> str:
     return section_hash(cfg, "data", "model", "embed", "bank", "seed")
 
 
-def read_manifest(out: Path) -> dict:
-    path = out / BANK_DIR / "manifest.json"
+def read_manifest(out: Path, bank_dir: Path | None = None) -> dict:
+    path = (bank_dir or out / BANK_DIR) / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else {"anchors": []}
 
 
-def run_bank(cfg: Config, out: Path) -> dict:
+def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path | None = None) -> dict:
+    """Train the missing anchors of ``<out>/anchors.parquet`` into ``bank_dir`` (default ``<out>/bank``).
+
+    ``workers``: an existing pool to reuse (studies); by default one is started and stopped here.
+    """
     import ray
 
     from .raysetup import init_ray
@@ -44,8 +48,9 @@ def run_bank(cfg: Config, out: Path) -> dict:
 
     t0 = time.time()
     h = bank_hash(cfg)
+    bank_dir = bank_dir or out / BANK_DIR
     anchors = pq.read_table(out / "anchors.parquet").to_pylist()
-    manifest = read_manifest(out)
+    manifest = read_manifest(out, bank_dir)
     kept = [a for a in manifest["anchors"] if a["config_hash"] == h]
     done = {a["cluster"] for a in kept}
     todo = [a for a in anchors if a["cluster"] not in done]
@@ -62,11 +67,11 @@ def run_bank(cfg: Config, out: Path) -> dict:
         owners = sorted(members[a["cluster"]]) if cfg.bank.anchor_data == "cluster" else [a["user_id"]]
         payload.append({"user_id": anchor_id(a["cluster"]), "histories": [users[u]["history"] for u in owners]})
     init_ray(cfg)
-    workers = start_workers(cfg, None)
-    shares = [payload[i::len(workers)] for i in range(len(workers))]
-    futures = [w.train.remote("anchor", share) for w, share in zip(workers, shares) if share]
+    own_pool = workers is None
+    pool = start_workers(cfg, None) if own_pool else workers
+    shares = [payload[i::len(pool)] for i in range(len(pool))]
+    futures = [w.train.remote("anchor", share, cfg) for w, share in zip(pool, shares) if share]
     results = {r["user_id"]: r for batch in ray.get(futures) for r in batch}
-    bank_dir = out / BANK_DIR
     for a in todo:
         aid = anchor_id(a["cluster"])
         r = results[aid]
@@ -79,9 +84,10 @@ def run_bank(cfg: Config, out: Path) -> dict:
                      "cluster_size": a["cluster_size"], "path": aid, "retrieval_emb": emb[a["user_id"]],
                      "final_loss": r["final_loss"], "steps": r["steps"], "config_hash": h})
         atomic_write_text(bank_dir / "manifest.json", json.dumps({"anchors": kept}, indent=1))
-    for w in workers:
-        ray.kill(w)
-    save_resolved(cfg, out, "bank")
+    if own_pool:
+        for w in pool:
+            ray.kill(w)
+    save_resolved(cfg, bank_dir.parent, bank_dir.name)  # <out>/bank.config.yaml beside <out>/bank/
     return {"anchors": len(kept), "trained": len(todo), "skipped": False, "seconds": round(time.time() - t0, 1)}
 
 

@@ -31,6 +31,8 @@ Stages (each reads the previous one's files in --out and skips work already done
   run          all of the above in order
   bench        throughput / scalability benchmarks -> JSON
   export       one user's personalised model as a PEFT adapter
+  study        real-data study (2-fold cross-banking, validation-chosen settings,
+               every baseline and ablation, bootstrap CIs, plots)
 
 Every command takes a YAML config (see configs/) and key=value overrides,
 e.g. `mta-ray prepare configs/lamp/lamp2.yaml data.path=FILE adapt.lr=5e-5`.
@@ -98,6 +100,22 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(cfg: Config, args: argparse.Namespace) -> int:
+    report_dir = args.report or args.out / "report"
+    if args.report_only:
+        from .study_report import write_report
+
+        if not (args.out / "plan.json").is_file():
+            raise InputError(str(args.out), "no plan.json: run the study first (without --report-only)")
+        write_report(cfg, args.out, report_dir)
+    else:
+        from .study import run_study
+
+        run_study(cfg, args.out, report_dir)
+    print(f"study: report in {report_dir}/report.md")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "prepare": (_cmd_prepare, "read LaMP/processed/synthetic users into <out>/users.parquet"),
     "embed": (_stage("embed", "run_embed"), "embed users' histories (Ray Data)"),
@@ -109,6 +127,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "run": (_cmd_run, "all stages in order"),
     "bench": (_cmd_bench, "throughput / scalability benchmarks"),
     "export": (_cmd_export, "write one user's model as a PEFT adapter"),
+    "study": (_cmd_study, "real-data study: cross-banking, validation-chosen settings, baselines, ablations"),
 }
 
 
@@ -135,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--run", type=Path, default=None,
                            help="the run folder holding bank/ and adapters/ (default: runs/<config name>)")
+        if name == "study":
+            p.add_argument("--report", type=Path, default=None,
+                           help="folder for report.json/report.md/plots (default: <out>/report)")
+            p.add_argument("--report-only", action="store_true",
+                           help="rebuild the report from <out>'s cached predictions (no Ray, no GPU)")
         if name in ("prepare", "run"):
             p.add_argument("--force", action="store_true", help="rebuild outputs that are up to date")
     return parser

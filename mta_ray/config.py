@@ -179,6 +179,9 @@ class AdaptConfig(LoraTrainConfig):
     grad_accum: int = 4
     slots: int = 16
     """Users trained together in one forward/backward pass by the multi-slot trainer."""
+    max_rows: int = 0
+    """Most sequences per forward/backward across slots (0 = no cap): bounds activation memory when
+    slots x batch_size is large (OPPU's batch 16 in many slots)."""
     shard_users: int = 256
     """Users per shard of the adapter store."""
 
@@ -261,6 +264,55 @@ class BenchConfig:
 
 
 @dataclass
+class StudyConfig:
+    """The real-data study (``mta-ray study``): cross-banking, protocols, hyperparameter grids.
+
+    Hyperparameters are chosen greedily, one at a time in the order below, on validation queries
+    (history items held out per user); the test queries are never looked at until the end.
+    """
+
+    folds: int = 2
+    """Cross-banking folds: the users of each fold are tested with a bank built from all other folds."""
+    validation_items: int = 2
+    """History items per user held out as validation queries (the validation setting trains without them)."""
+    extended_items: int = 2
+    """History items per user held out as extra test queries in the extended protocol (never trained on)."""
+    protocols: list[str] = field(default_factory=lambda: ["paper", "extended"])
+    """``paper``: train on the whole history, test on the one LaMP query; ``extended``: also test on
+    ``extended_items`` held-out history items."""
+    ablation_protocols: list[str] = field(default_factory=lambda: ["paper", "extended"])
+    """Protocols on which the one-factor studies (space, anchors, top-K, alpha, rank) also run."""
+    anchor_data: list[str] = field(default_factory=lambda: ["own", "cluster"])
+    bank_lrs: list[float] = field(default_factory=lambda: [1e-4, 1e-3])
+    spaces: list[str] = field(default_factory=lambda: ["delta", "params"])
+    top_k: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 8])
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    """Stacked ranks; the adapter's alpha stays 2 x rank (the paper's 8/4), so only capacity changes."""
+    adapt_lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 2e-3])
+    """Learning rates tried for the stacked adapter (MTA) and for adapt-only."""
+    oppu_lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 2e-3])
+    dtype_check: bool = True
+    """On a GPU, also run MTA and merged-only in float32 on the paper protocol (bf16 vs fp32)."""
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise ValueError("folds must be at least 2 (a fold's bank comes from the other folds)")
+        if self.validation_items < 1 or self.extended_items < 1:
+            raise ValueError("validation_items and extended_items must be at least 1")
+        bad = [p for p in self.protocols + self.ablation_protocols if p not in ("paper", "extended")]
+        if bad:
+            raise ValueError(f"unknown protocols {bad}; known: paper, extended")
+        for name, values, allowed in (("anchor_data", self.anchor_data, ("own", "cluster")),
+                                      ("spaces", self.spaces, ("delta", "params"))):
+            if not values or any(v not in allowed for v in values):
+                raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}")
+        for name in ("bank_lrs", "top_k", "alphas", "ranks", "adapt_lrs", "oppu_lrs"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+
+
+@dataclass
 class Config:
     """Everything one run needs; see ``configs/*.yaml``."""
 
@@ -274,6 +326,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     seed: int = 0
 
 
@@ -396,6 +449,20 @@ def _kind(value: Any) -> str:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def with_values(cfg: Config, values: dict[str, Any], where: str = "<study>") -> Config:
+    """A copy of ``cfg`` with dotted keys set (``{"merge.top_k": 4}``), validated like a file."""
+    raw = to_dict(cfg)
+    for dotted, value in values.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise InputError(where, f"unknown key {dotted!r}")
+        node[leaf] = value
+    return build(Config, raw, where)
 
 
 def dump_yaml(cfg: Config) -> str:

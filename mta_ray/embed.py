@@ -50,7 +50,9 @@ class EmbedUsers:
         for h in histories:
             cluster.append(item_emb[pos:pos + len(h)].mean(axis=0))
             pos += len(h)
+        extra = {"path": batch.column("path")} if "path" in batch.column_names else {}
         return pa.table({
+            **extra,
             "user_id": batch.column("user_id"),
             "n_items": pa.array([len(h) for h in histories], pa.int32()),
             "cluster_emb": pa.array([c.astype(np.float32).tolist() for c in cluster], pa.list_(pa.float32())),
@@ -73,11 +75,7 @@ def run_embed(cfg: Config, out: Path) -> dict:
         return {"skipped": True, "path": str(target)}
     init_ray(cfg)
     t0 = time.time()
-    gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.embed.device != "cpu"
-    ds = ray.data.read_parquet(str(out / USERS_FILE)).select_columns(["user_id", "history"])
-    ds = ds.map_batches(EmbedUsers, fn_constructor_args=(cfg,), batch_size=cfg.embed.batch_size,
-                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency),
-                        num_gpus=1 if gpu else 0)
+    ds = _embedded(cfg, ray.data.read_parquet(str(out / USERS_FILE)).select_columns(["user_id", "history"]))
     tmp = out / f".{EMBEDDINGS}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     ds.write_parquet(str(tmp))
@@ -86,6 +84,54 @@ def run_embed(cfg: Config, out: Path) -> dict:
     tmp.rename(target)
     save_resolved(cfg, out, "embed")
     return {"skipped": False, "path": str(target), "seconds": round(time.time() - t0, 1)}
+
+
+def _embedded(cfg: Config, ds):
+    import ray
+
+    gpu = ray.cluster_resources().get("GPU", 0) >= 1 and cfg.embed.device != "cpu"
+    return ds.map_batches(EmbedUsers, fn_constructor_args=(cfg,), batch_size=cfg.embed.batch_size,
+                          batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.embed.concurrency),
+                          num_gpus=1 if gpu else 0)
+
+
+def run_embed_many(cfg: Config, outs: list[Path]) -> dict:
+    """Embed the users of several run folders in one Ray Data job (a study builds many small folders).
+
+    Each folder gets the same ``embeddings.parquet/`` that :func:`run_embed` writes; folders
+    already embedded with these settings are skipped.
+    """
+    import ray
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .raysetup import init_ray
+
+    def current(o: Path) -> bool:
+        stamp = o / EMBEDDINGS / "_hash"
+        return stamp.is_file() and stamp.read_text() == embed_hash(cfg)
+
+    todo = [o for o in outs if not current(o)]
+    if not todo:
+        return {"skipped": True, "folders": len(outs)}
+    init_ray(cfg)
+    t0 = time.time()
+    parts = []
+    for i, o in enumerate(todo):  # small folders: read here, tag each row with its folder
+        t = pq.read_table(o / USERS_FILE, columns=["user_id", "history"])
+        parts.append(t.append_column("path", pa.array([str(i)] * t.num_rows)))
+    ds = ray.data.from_arrow(parts)
+    table = pa.concat_tables([ray.get(ref) for ref in _embedded(cfg, ds).to_arrow_refs()])
+    for i, out in enumerate(todo):
+        rows = table.filter(pc.equal(table.column("path"), str(i))).drop_columns(["path"])
+        tmp = out / f".{EMBEDDINGS}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pq.write_table(rows, tmp / "part-00000.parquet")
+        (tmp / "_hash").write_text(embed_hash(cfg))
+        shutil.rmtree(out / EMBEDDINGS, ignore_errors=True)
+        tmp.rename(out / EMBEDDINGS)
+    return {"skipped": False, "folders": len(todo), "users": table.num_rows, "seconds": round(time.time() - t0, 1)}
 
 
 def load_embeddings(out: Path) -> pa.Table:

@@ -37,10 +37,12 @@ def required_kinds(cfg: Config) -> list[str]:
     return [m for m in cfg.eval.methods if m in KINDS]
 
 
-def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict) -> list[dict[str, Any]]:
+def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict,
+              label: str | None = None) -> list[dict[str, Any]]:
     task = get_task(cfg.data.task)
     k = RAG_K.get(method, cfg.data.history_k)
-    rows = AdapterStore(store_dir(out, method)).rows_by_user() if method in KINDS else {}
+    store = store_dir(out, label or method)
+    rows = AdapterStore(store).rows_by_user() if method in KINDS else {}
     reqs = []
     for ui, u in enumerate(users):
         for q in u["queries"]:
@@ -51,9 +53,31 @@ def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict
             if method in KINDS:  # a user whose training failed falls back to the bare base
                 row = rows.get(u["user_id"])
                 if row is not None and row["status"] == "ok":
-                    r["store"], r["row"] = str(store_dir(out, method)), row
+                    r["store"], r["row"] = str(store), row
             reqs.append(r)
     return reqs
+
+
+def predict(cfg: Config, out: Path, method: str, users: list[dict], plan: dict, workers: list,
+            label: str | None = None, bank_dir: Path | None = None) -> tuple[list[dict], list[str]]:
+    """Requests (one per query, in user order) and the workers' raw answers for one method.
+
+    ``label``: the adapter store of a study variant (default: the method's own); ``bank_dir``: the
+    bank that merged methods draw anchors from (default: the workers').
+    """
+    import ray
+
+    reqs = _requests(cfg, out, method, users, plan, label)
+    targets = (cfg.oppu.target_modules if method == "oppu"
+               else sorted(set(cfg.adapt.target_modules) | set(cfg.bank.target_modules)))
+    shares = [reqs[i::len(workers)] for i in range(len(workers))]
+    bank = str(bank_dir) if bank_dir else None
+    outs = ray.get([w.generate.remote(s, targets, cfg, bank) for w, s in zip(workers, shares) if s])
+    texts: list[str] = [""] * len(reqs)
+    for wi, o in enumerate(outs):
+        for j, t in enumerate(o):
+            texts[wi + j * len(workers)] = t
+    return reqs, texts
 
 
 def user_resamples(users_of: np.ndarray, n_users: int, samples: int, seed: int) -> list[np.ndarray]:
@@ -84,19 +108,11 @@ def run_evaluate(cfg: Config, out: Path, timing: dict | None = None) -> dict:
     plan = retrieval_plan(cfg, out, [u["user_id"] for u in users])
     init_ray(cfg)
     workers = start_workers(cfg, out / "bank")
-    targets = sorted(set(cfg.adapt.target_modules) | set(cfg.bank.target_modules))
     results: dict[str, dict] = {}
     per_method: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
     try:
         for method in cfg.eval.methods:
-            reqs = _requests(cfg, out, method, users, plan)
-            tg = cfg.oppu.target_modules if method == "oppu" else targets
-            shares = [reqs[i::len(workers)] for i in range(len(workers))]
-            outs = ray.get([w.generate.remote(s, tg) for w, s in zip(workers, shares) if s])
-            texts: list[str] = [""] * len(reqs)
-            for wi, o in enumerate(outs):
-                for j, t in enumerate(o):
-                    texts[wi + j * len(workers)] = t
+            reqs, texts = predict(cfg, out, method, users, plan, workers)
             preds = [task.parse_output(t) for t in texts]
             golds = [r["gold"] for r in reqs]
             users_of = np.array([r["user"] for r in reqs])

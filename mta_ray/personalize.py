@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .adaptive import merge_weights, top_k_anchors
-from .bank import read_manifest
+from .bank import BANK_DIR, read_manifest
 from .config import Config, save_resolved
 from .data import load_users
 from .embed import load_embeddings
@@ -32,15 +32,18 @@ from .store import AdapterStore
 KINDS = ("mta", "adapt_only", "oppu")
 
 
-def store_dir(out: Path, kind: str) -> Path:
-    return out / "adapters" / kind
+def store_dir(out: Path, label: str) -> Path:
+    """``adapters/<label>``: the label is the kind (``mta``...) or a study's variant name."""
+    return out / "adapters" / label
 
 
-def retrieval_plan(cfg: Config, out: Path, user_ids: list[str]) -> dict[str, tuple[list[str], list[float]]]:
+def retrieval_plan(cfg: Config, out: Path, user_ids: list[str],
+                   bank_dir: Path | None = None) -> dict[str, tuple[list[str], list[float]]]:
     """Each user's top-K anchors and merge weights (deterministic, recomputed when needed)."""
-    anchors = read_manifest(out)["anchors"]
+    bank_dir = bank_dir or out / BANK_DIR
+    anchors = read_manifest(out, bank_dir)["anchors"]
     if not anchors:
-        raise InputError(str(out / "bank"), "the bank is empty (run `mta-ray bank` first)")
+        raise InputError(str(bank_dir), "the bank is empty (run `mta-ray bank` first)")
     ids = [a["anchor_id"] for a in anchors]
     mat = np.array([a["retrieval_emb"] for a in anchors], dtype=np.float32)
     emb = {r["user_id"]: np.array(r["retrieval_emb"], dtype=np.float32)
@@ -52,30 +55,39 @@ def retrieval_plan(cfg: Config, out: Path, user_ids: list[str]) -> dict[str, tup
     return plan
 
 
-def run_personalize(cfg: Config, out: Path, kind: str = "mta") -> dict:
+def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | None = None,
+                    label: str | None = None, bank_dir: Path | None = None) -> dict:
+    """Train ``kind`` adapters for every user not yet stored in ``adapters/<label or kind>``.
+
+    ``workers``: an existing pool to reuse (studies); by default a pool is started and stopped here.
+    ``bank_dir``: the bank to merge from (default ``<out>/bank``).
+    """
     from ray.util import ActorPool
 
     from .raysetup import init_ray
     from .workers import start_workers
 
     t0 = time.time()
-    store = AdapterStore(store_dir(out, kind), cfg.adapt.shard_users)
+    bank_dir = bank_dir or out / BANK_DIR
+    store = AdapterStore(store_dir(out, label or kind), cfg.adapt.shard_users)
     done = store.stored_users()
     users = [u for u in load_users(out / USERS_FILE, ["user_id", "history"]).to_pylist()
              if u["user_id"] not in done]
     if not users:
         return {"kind": kind, "trained": 0, "stored": len(done), "skipped": True}
-    plan = retrieval_plan(cfg, out, [u["user_id"] for u in users]) if kind == "mta" else {}
+    plan = retrieval_plan(cfg, out, [u["user_id"] for u in users], bank_dir) if kind == "mta" else {}
     for u in users:
         u["anchors"], u["weights"] = plan.get(u["user_id"], ([], []))
     init_ray(cfg)
-    workers = start_workers(cfg, out / "bank" if kind == "mta" else None)
+    own_pool = workers is None
+    pool = start_workers(cfg, None) if own_pool else workers
     chunk = max(1, cfg.adapt.slots * 2)
     chunks = [users[i:i + chunk] for i in range(0, len(users), chunk)]
     by_id = {u["user_id"]: u for u in users}
     finished = failed = 0
     try:
-        for results in ActorPool(workers).map_unordered(lambda w, c: w.train.remote(kind, c), chunks):
+        train = (lambda w, c: w.train.remote(kind, c, cfg, str(bank_dir) if kind == "mta" else None))
+        for results in ActorPool(pool).map_unordered(train, chunks):
             for r in results:
                 u = by_id[r["user_id"]]
                 store.add(r["user_id"], r["lora"], u["anchors"], u["weights"], r["steps"], r["final_loss"],
@@ -88,9 +100,10 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta") -> dict:
                   + (f", {failed} failed" if failed else ""), flush=True)
     finally:
         store.flush()
-        import ray
-        for w in workers:
-            ray.kill(w)
-    save_resolved(cfg, out, f"personalize-{kind}")
+        if own_pool:
+            import ray
+            for w in pool:
+                ray.kill(w)
+    save_resolved(cfg, out, f"personalize-{label or kind}")
     return {"kind": kind, "trained": finished, "failed": failed, "stored": len(done) + finished,
             "skipped": False, "seconds": round(time.time() - t0, 1)}

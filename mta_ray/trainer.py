@@ -122,9 +122,15 @@ class MultiSlotTrainer:
 
     def __init__(self, model: nn.Module, cfg: LoraTrainConfig, slots: int, merged_rank: int = 0,
                  pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fused: bool | None = None):
-        """``fused``: swap in compiled RMSNorm/SiLU-mul/rotary kernels (default: on CUDA only)."""
+                 fused: bool | None = None, max_rows: int = 0):
+        """``fused``: swap in compiled RMSNorm/SiLU-mul/rotary kernels (default: on CUDA only).
+
+        ``max_rows``: most sequences in one forward/backward (0 = all busy slots at once); busy slots
+        are split into groups under it, which changes nothing but peak memory (slots' gradients are
+        separate rows of the factor tensors).
+        """
         self.model, self.cfg, self.slots, self.pad_id, self.seed = model, cfg, slots, pad_id, seed
+        self.max_rows = max_rows
         self.betas, self.eps = betas, eps
         self.device = next(model.parameters()).device
         self.router, self.layers = inject(model, cfg.target_modules, slots, cfg.rank, merged_rank,
@@ -219,6 +225,22 @@ class MultiSlotTrainer:
 
     # ------------------------------------------------------------------ one iteration
     def _forward_backward(self, state: list[_Slot | None], busy: list[int]) -> dict[int, float]:
+        """One micro-batch of every busy slot, in groups of at most ``max_rows`` sequences."""
+        losses: dict[int, float] = {}
+        group: list[int] = []
+        rows = 0
+        for s in busy:
+            st = state[s]
+            n = len(st.windows[st.step][st.micro])
+            if group and self.max_rows and rows + n > self.max_rows:
+                losses.update(self._pass(state, group))
+                group, rows = [], 0
+            group.append(s)
+            rows += n
+        losses.update(self._pass(state, group))
+        return losses
+
+    def _pass(self, state: list[_Slot | None], busy: list[int]) -> dict[int, float]:
         rows, weights, examples = [], [], []
         for s in busy:
             st = state[s]

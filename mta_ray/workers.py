@@ -42,13 +42,21 @@ class ModelWorker:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_base(cfg.model, self.device)
         self.task = get_task(cfg.data.task)
-        self.bank: dict[str, Lora] = {}
+        self.bank_dir = bank_dir
+        self._banks: dict[str, dict[str, Lora]] = {}
         self._stores: dict[str, Any] = {}
-        if bank_dir and Path(bank_dir, "manifest.json").is_file():
+
+    def _bank(self, bank_dir: str | None) -> dict[str, Lora]:
+        """A bank's anchor LoRAs, loaded once per folder (studies switch between several banks)."""
+        bank_dir = bank_dir or self.bank_dir
+        if not bank_dir:
+            return {}
+        if bank_dir not in self._banks:
             import json
-            manifest = json.loads(Path(bank_dir, "manifest.json").read_text())
-            for a in manifest["anchors"]:
-                self.bank[a["anchor_id"]] = load_peft(Path(bank_dir) / a["path"])
+            manifest_path = Path(bank_dir, "manifest.json")
+            anchors = json.loads(manifest_path.read_text())["anchors"] if manifest_path.is_file() else []
+            self._banks[bank_dir] = {a["anchor_id"]: load_peft(Path(bank_dir) / a["path"]) for a in anchors}
+        return self._banks[bank_dir]
 
     def _store(self, path: str) -> Any:
         """One AdapterStore per folder (its layout is read once, not per request)."""
@@ -61,14 +69,21 @@ class ModelWorker:
     def node(self) -> str:
         return f"{os.uname().nodename}:{self.device}"
 
-    def merged_for(self, anchors: list[str], weights: list[float]) -> Lora | None:
+    def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
+                   bank_dir: str | None = None) -> Lora | None:
         if not anchors:
             return None
-        return merge([self.bank[a] for a in anchors], weights, self.cfg.merge.space)
+        bank = self._bank(bank_dir)
+        return merge([bank[a] for a in anchors], weights, cfg.merge.space)
 
-    def train(self, kind: str, users: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Train one adapter per user; ``users``: {user_id, history, anchors, weights, negatives?}."""
-        cfg = self.cfg
+    def train(self, kind: str, users: list[dict[str, Any]], cfg: Config | None = None,
+              bank_dir: str | None = None) -> list[dict[str, Any]]:
+        """Train one adapter per user; ``users``: {user_id, history, anchors, weights, negatives?}.
+
+        ``cfg`` overrides the training settings of this call (the base model stays the one loaded);
+        ``bank_dir`` picks the bank the anchors come from (default: the worker's).
+        """
+        cfg = cfg or self.cfg
         tcfg = train_config(cfg, kind)
         jobs = []
         for u in users:
@@ -76,11 +91,13 @@ class ModelWorker:
                         for ex in user_examples(self.task, h, self.tokenizer, cfg.data.history_k,
                                                 cfg.model.max_prompt_tokens, cfg.model.chat_template,
                                                 u.get("negatives", ()))]
-            merged = self.merged_for(u.get("anchors", []), u.get("weights", [])) if kind == "mta" else None
+            merged = (self.merged_for(u.get("anchors", []), u.get("weights", []), cfg, bank_dir)
+                      if kind == "mta" else None)
             jobs.append(Job(u["user_id"], examples, merged=merged, seed=cfg.seed))
         R = merged_rank(cfg) if kind == "mta" else 0
         trainer = MultiSlotTrainer(self.model, tcfg, slots=max(1, min(cfg.adapt.slots, len(jobs))),
-                                   merged_rank=R, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed)
+                                   merged_rank=R, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed,
+                                   max_rows=cfg.adapt.max_rows)
         try:
             results = trainer.run(jobs)
         finally:
@@ -88,11 +105,12 @@ class ModelWorker:
         return [{"user_id": r.user_id, "lora": r.lora, "steps": r.steps, "final_loss": r.final_loss,
                  "status": r.status, "error": r.error} for r in results]
 
-    def generate(self, requests: list[dict[str, Any]], targets: list[str]) -> list[str]:
+    def generate(self, requests: list[dict[str, Any]], targets: list[str], cfg: Config | None = None,
+                 bank_dir: str | None = None) -> list[str]:
         """Greedy answers; each request: {prompt, anchors, weights, store, row} (store/row: stacked adapter)."""
         from .generation import generate
 
-        cfg = self.cfg
+        cfg = cfg or self.cfg
         max_new = cfg.eval.max_new_tokens or self.task.max_new_tokens
         out: list[str] = []
         bs = cfg.eval.batch_size
@@ -100,7 +118,7 @@ class ModelWorker:
             chunk = requests[i:i + bs]
             prompts = [encode_prompt(self.tokenizer, r["prompt"], cfg.model.max_prompt_tokens,
                                      cfg.model.chat_template) for r in chunk]
-            merged = [self.merged_for(r.get("anchors", []), r.get("weights", [])) for r in chunk]
+            merged = [self.merged_for(r.get("anchors", []), r.get("weights", []), cfg, bank_dir) for r in chunk]
             stacked = [self._store(r["store"]).load(r["row"]) if r.get("store") else None for r in chunk]
             out += generate(self.model, self.tokenizer, prompts, max_new, merged, stacked, targets)
         return out

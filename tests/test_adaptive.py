@@ -26,3 +26,21 @@ def test_top_k_by_cosine_best_first():
     idx, sims = top_k_anchors(np.array([2.0, 0.2]), anchors, 3)
     assert idx == [0, 2, 1]
     assert sims[0] == pytest.approx(0.995, abs=1e-3) and sims == sorted(sims, reverse=True)
+
+
+def test_anchor_ties_go_to_the_member_nearest_the_centroid_then_to_the_smallest_id():
+    import numpy as np
+
+    from mta_ray.clustering import pick_anchors
+
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [5.0, 5.0], [7.0, 5.0]])
+    labels = np.array([0, 0, 0, 1, 1])
+    ids = ["c", "b", "a", "e", "d"]
+    # cluster 0: all tied on activity; "b" sits on the centroid. cluster 1: equidistant -> smallest id "d".
+    got = pick_anchors(ids, [10, 10, 10, 10, 10], labels, min_items=5, x=x)
+    assert [a["user_id"] for a in got] == ["b", "d"]
+    # activity still comes first
+    got = pick_anchors(ids, [10, 9, 10, 3, 4], labels, min_items=4, x=x)
+    assert [a["user_id"] for a in got] == ["a", "d"]
+    # too few items: no anchor for that cluster
+    assert [a["user_id"] for a in pick_anchors(ids, [10, 9, 10, 3, 3], labels, 4, x)] == ["a"]

@@ -91,10 +91,11 @@ def references():
     return {job.user_id: _train_alone_with_peft(job, CFG) for job in _jobs()}
 
 
-@pytest.mark.parametrize("slots", [3, 2, 1])
-def test_slots_train_like_plain_peft_alone(slots, references):
-    """3 users with 3/5/8 items; with 2 or 1 slots, slots are refilled mid-run."""
-    trainer = MultiSlotTrainer(tiny_llama(), CFG, slots=slots, merged_rank=8)
+@pytest.mark.parametrize("slots,max_rows", [(3, 0), (2, 0), (1, 0), (3, 1)])
+def test_slots_train_like_plain_peft_alone(slots, max_rows, references):
+    """3 users with 3/5/8 items; with 2 or 1 slots, slots are refilled mid-run; max_rows=1 splits
+    every iteration into one pass per sequence."""
+    trainer = MultiSlotTrainer(tiny_llama(), CFG, slots=slots, merged_rank=8, max_rows=max_rows)
     results = {r.user_id: r for r in trainer.run(_jobs())}
     assert set(results) == {"user0", "user1", "user2"}
     for user, (want_lora, want_losses) in references.items():
