@@ -293,7 +293,8 @@ class StudyConfig:
     """Learning rates tried for the stacked adapter (MTA) and for adapt-only."""
     oppu_lrs: list[float] = field(default_factory=lambda: [1e-4, 5e-4, 2e-3])
     dtype_check: bool = True
-    """On a GPU, also run MTA and merged-only in float32 on the paper protocol (bf16 vs fp32)."""
+    """On a GPU, also run MTA and merged-only in float32 on the paper protocol (bf16 vs fp32), with the
+    same (bf16-trained) bank: the check isolates the per-user stage and generation."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:

@@ -95,6 +95,8 @@ def study_hash(cfg: Config) -> str:
     d = to_dict(cfg)
     for volatile in ("ray", "bench"):
         d.pop(volatile)
+    # the grids decide which runs happen, not what any run predicts: only the held-out split counts
+    d["study"] = {k: d["study"][k] for k in ("folds", "validation_items", "extended_items")}
     d["model"] = {k: v for k, v in d["model"].items() if k not in ("base", "gguf_file", "cache_dir")}
     d["model"]["base_name"] = Path(cfg.model.base).name
     d["embed"] = {k: (Path(v).name if k.endswith("encoder") else v) for k, v in d["embed"].items()}
@@ -145,8 +147,7 @@ class Study:
         return self.out / "banks" / f"for-fold{fold}"
 
     def bank_dir(self, cfg: Config, fold: int) -> Path:
-        dtype = "" if cfg.model.dtype == self.cfg.model.dtype else f"-{cfg.model.dtype}"
-        return self.bank_users_dir(fold) / f"bank-{cfg.bank.anchor_data}-lr{cfg.bank.lr:g}{dtype}"
+        return self.bank_users_dir(fold) / f"bank-{cfg.bank.anchor_data}-lr{cfg.bank.lr:g}"
 
     def preds_path(self, run: Run) -> Path:
         return self.out / "preds" / run.setting / f"{run.key}.json"
@@ -234,7 +235,7 @@ class Study:
         for f in range(cfg.study.folds):
             d = self.test_dir(run.setting, f)
             bank = self.bank_dir(cfg, f) if run.method in MERGED else None
-            if bank is not None:
+            if bank is not None and "model.dtype" not in dict(run.values):  # a dtype check reuses the bank
                 run_bank(cfg, self.bank_users_dir(f), workers, bank)
             users = load_users(d / USERS_FILE, ["user_id", "history", "queries"]).to_pylist()
             plan = retrieval_plan(cfg, d, [u["user_id"] for u in users], bank) if bank else {}
@@ -373,4 +374,7 @@ def run_study(cfg: Config, out: Path, report_dir: Path | None) -> dict:
 def _on_gpu(cfg: Config) -> bool:
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= cfg.ray.gpus_per_actor > 0
+    from .raysetup import init_ray
+
+    init_ray(cfg)
+    return ray.cluster_resources().get("GPU", 0) >= cfg.ray.gpus_per_actor > 0

@@ -135,7 +135,9 @@ def _studies(runs: list[dict], chosen: dict, summaries: dict, res: Results) -> d
             v = r["values"]
             if r["method"] != method or "model.dtype" in v:
                 continue
-            if all(v.get(k) == (fixed[k] if k in fixed else chosen.get(k)) for k in v if k != key):
+            # top-K = 1 has nothing to weigh: its run carries adaptive weights whatever alpha was chosen
+            loose = {"merge.fixed_alpha"} if key == "merge.top_k" and v.get(key) == 1 else set()
+            if all(v.get(k) == (fixed[k] if k in fixed else chosen.get(k)) for k in v if k != key and k not in loose):
                 rows.append({"value": v.get(key), **{k: summaries[r["name"]][k] for k in ("metrics", "ci95", "name")}})
         return sorted(rows, key=lambda x: (x["value"] is not None, x["value"] if x["value"] is not None else 0))
 
@@ -294,7 +296,7 @@ def render(report: dict, plots: list[str], report_dir: Path) -> str:
                 lines.append(f"| {name} | {c['advantage']:+.4f} | [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}] | "
                              f"{c['p_not_better']:.3f} |")
         for key, rows in st.items():
-            if key == "tests" or not rows:
+            if key == "tests" or len(rows) < 2:  # a study needs at least two values to say anything
                 continue
             lines += ["", f"Study `{key}`:", "", "| value | " + " | ".join(keys) + " |",
                       "| --- | " + " | ".join("---:" for _ in keys) + " |"]

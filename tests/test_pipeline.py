@@ -25,25 +25,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, model_cache):
-    """A tiny random Llama with SmolLM2's real tokenizer, saved as a local model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mta_ray.config import ModelConfig
-    from mta_ray.models import load_tokenizer
-
-    tok = load_tokenizer(ModelConfig())
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=512, tie_word_embeddings=True))
-    path = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def run_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["run", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0

@@ -126,3 +126,50 @@ def test_report_statistics_on_known_predictions(tmp_path):
     assert json.loads(json.dumps(c)) == c
     with pytest.raises(ValueError, match="other queries"):
         Results(task, [a, {**b, "rows": b["rows"][:4]}], samples=10, seed=0)
+
+
+STUDY_SMALL = ["data.format=synthetic", "data.synthetic.num_users=8", "data.synthetic.min_items=4",
+               "data.synthetic.max_items=4", "data.synthetic.active_items=6", "data.synthetic.queries_per_user=1",
+               "bank.num_clusters=2", "bank.min_items=4", "adapt.epochs=1", "bank.epochs=1", "oppu.epochs=1",
+               "eval.bootstrap=30", "eval.max_new_tokens=4", "model.max_prompt_tokens=160",
+               "study.validation_items=1", "study.extended_items=1", "study.anchor_data=[own, cluster]",
+               "study.bank_lrs=[1e-3]", "study.spaces=[params, delta]", "study.top_k=[2, 1]", "study.alphas=[0.5]",
+               "study.ranks=[4]", "study.adapt_lrs=[1e-3]", "study.oppu_lrs=[1e-3]", "study.ablation_protocols=[paper]",
+               "bank.lr=1e-3", "adapt.lr=1e-3", "oppu.lr=1e-3", "merge.space=params"]
+
+
+@pytest.mark.slow
+def test_study_end_to_end_on_local_ray_resumes_and_guards_its_folder(tiny_model_dir, tmp_path, capsys):
+    """The whole study on a tiny model: choice on validation, both protocols, report and plots; a rerun
+    trains nothing; other settings in the same folder are refused."""
+    from mta_ray.cli import main
+
+    cfg = "configs/study/lamp2.yaml"
+    out, rep = tmp_path / "work", tmp_path / "report"
+    args = [cfg, f"model.base={tiny_model_dir}", *STUDY_SMALL, "--out", str(out), "--report", str(rep)]
+    assert main(["study", *args]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    assert set(report["protocols"]) == {"paper", "extended"}
+    assert report["protocols"]["paper"]["n_queries"] == 8           # one LaMP-style query per user
+    assert report["protocols"]["extended"]["n_queries"] == 16       # + one held-out item each
+    methods = set(report["protocols"]["paper"]["methods"])
+    assert methods == {"mta", "base", "rag_k1", "rag_k3", "rag_k5", "oppu", "adapt_only", "merged_only"}
+    chosen = report["chosen_on_validation"]
+    assert chosen["bank.anchor_data"] in ("own", "cluster") and chosen["merge.space"] in ("params", "delta")
+    steps = [row["method"] for row in report["selection"]]
+    assert steps[:2] == ["merged_only", "merged_only"] and "mta" in steps and "oppu" in steps
+    tests = report["protocols"]["paper"]["studies"]["tests"]
+    assert any("delta vs params" in t for t in tests) and any("cluster-pooled" in t for t in tests)
+    assert {"methods.png", "top_k.png"} <= {p.name for p in rep.glob("*.png")}
+    assert "MTA against each" in (rep / "report.md").read_text()
+
+    cached = sorted(p.name for p in (out / "preds").rglob("*.json"))
+    capsys.readouterr()
+    assert main(["study", *args]) == 0                             # resumes: everything is cached
+    assert sorted(p.name for p in (out / "preds").rglob("*.json")) == cached
+    assert "personalize[" not in capsys.readouterr().out
+
+    assert main(["study", *args, "adapt.epochs=2"]) == 2           # other settings, same folder: refused
+    assert "other settings" in capsys.readouterr().err
+    import ray
+    ray.shutdown()
