@@ -70,11 +70,12 @@ def build_model(cfg: Config, device: str) -> Any:
     return model
 
 
-def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0) -> list[Job]:
-    """Users with ``history_items`` random-token examples and a random merged branch of K anchors."""
+def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0, merged: bool = True,
+                   targets: list[str] | None = None) -> list[Job]:
+    """Users with ``history_items`` random-token examples and (``merged``) a random merged branch of K anchors."""
     b = cfg.bench
     vocab = model.config.vocab_size
-    names = target_module_names(model, cfg.adapt.target_modules)
+    names = target_module_names(model, targets or cfg.adapt.target_modules)
     modules = dict(model.named_modules())
     g = torch.Generator().manual_seed(1234)
     anchors = [{nm: LoraPair(torch.randn(cfg.bank.rank, modules[nm].in_features, generator=g) * 0.01,
@@ -89,8 +90,9 @@ def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0) -> list[Job
             ids = torch.randint(0, vocab, (b.prompt_tokens,), generator=gu).tolist()
             p = b.prompt_tokens - b.target_tokens
             examples.append(Example(ids, [-100] * p + ids[p:]))
-        merged = merge_delta(anchors, weights)  # (the bank would give each user its own K; cost is the same)
-        jobs.append(Job(f"user{u:05d}", examples, merged=merged, seed=cfg.seed))
+        # (the bank would give each user its own K; the cost is the same)
+        jobs.append(Job(f"user{u:05d}", examples, merged=merge_delta(anchors, weights) if merged else None,
+                        seed=cfg.seed))
     return jobs
 
 
@@ -129,7 +131,8 @@ def run_baseline(model: Any, jobs: list[Job], train: LoraTrainConfig, device: st
 
     finals = []
     for job in jobs:
-        fold_into(model, job.merged)                       # the paper's W0 + dW_merged
+        if job.merged is not None:
+            fold_into(model, job.merged)                   # the paper's W0 + dW_merged
         peft_model = get_peft_model(model, LoraConfig(r=train.rank, lora_alpha=train.alpha, lora_dropout=0.0,
                                                       target_modules=_peft_targets(train)))
         params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -153,7 +156,8 @@ def run_baseline(model: Any, jobs: list[Job], train: LoraTrainConfig, device: st
         state = {k: v.detach().to("cpu") for k, v in peft_model.state_dict().items() if "lora_" in k}
         assert state
         model = peft_model.unload()
-        fold_into(model, scaled(job.merged, -1.0))
+        if job.merged is not None:
+            fold_into(model, scaled(job.merged, -1.0))
         finals.append(loss_value)
     model.eval()
     return finals
@@ -306,3 +310,144 @@ def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "-" for c in text.lower()).strip("-")[:60]
+
+
+# --------------------------------------------------------------------------- scalability
+
+def lora_params(model: Any, targets: list[str], rank: int) -> int:
+    """Parameters of one rank-``rank`` LoRA on ``targets``: r x (in + out) per module."""
+    modules = dict(model.named_modules())
+    return sum(rank * (modules[n].in_features + modules[n].out_features) for n in target_module_names(model, targets))
+
+
+def _variant_slots(v: str) -> tuple[int, bool, bool]:
+    return int(v.rstrip("cf")), "c" in v, "f" in v
+
+
+def run_scalability(cfg: Config, out: Path) -> dict[str, Any]:
+    """Time, GPU-hours and storage to personalise N users: MTA (bank once + per-user) vs OPPU (one LoRA each).
+
+    Measured on this device (8B-shaped model, LaMP-2-like users): OPPU's recipe one user at a time
+    (``bench.baseline_users`` users), the bank's per-anchor cost and MTA's per-user cost in the
+    multi-slot trainer (first variant of ``bench.variants``), and N = the smallest of
+    ``bench.scalability_users`` end to end for both. Other N are extrapolated from those per-unit
+    costs and marked ``"measured": false``. Storage is counted from the adapters' shapes (bf16).
+    """
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    b = cfg.bench
+    model = build_model(cfg, device)
+    slots, ckpt, fused = _variant_slots(b.variants[0])
+    merged_rank = b.anchors * cfg.bank.rank
+    n_small = min(b.scalability_users)
+    print(f"bench scalability: {name}, model {b.shape}, {b.history_items} items x {b.prompt_tokens} tokens, "
+          f"MTA variant {b.variants[0]}, N = {b.scalability_users}", flush=True)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def oppu_jobs(n: int, offset: int) -> list[Job]:
+        return synthetic_jobs(model, cfg, n, offset, merged=False, targets=cfg.oppu.target_modules)
+
+    # OPPU: its recipe, one user at a time, from scratch (after one untimed warm-up user)
+    run_baseline(model, oppu_jobs(1, 40_000), cfg.oppu, device)
+    _, oppu_sec, oppu_peak = _measure(lambda: run_baseline(model, oppu_jobs(b.baseline_users, 0), cfg.oppu, device),
+                                      device)
+    oppu_per_user = oppu_sec / b.baseline_users
+    print(f"  OPPU: {oppu_per_user:.2f} s/user ({b.baseline_users} users)", flush=True)
+
+    def trainer_cost(train: LoraTrainConfig, jobs: list[Job], rank_merged: int) -> tuple[float, int]:
+        trainer = MultiSlotTrainer(model, train, slots=slots, merged_rank=rank_merged, seed=cfg.seed, fused=fused)
+        try:
+            _, sec, peak = _measure(lambda: trainer.run(jobs), device)
+        finally:
+            trainer.close()
+            for p in model.parameters():
+                p.grad = None
+        return sec, peak
+
+    anchor_jobs = lambda n, off: synthetic_jobs(model, cfg, n, off, merged=False, targets=cfg.bank.target_modules)  # noqa: E731
+    trainer_cost(cfg.adapt, synthetic_jobs(model, cfg, slots, 50_000), merged_rank)  # warm-up (and compile)
+    trainer_cost(cfg.bank, anchor_jobs(slots, 60_000), 0)
+    bank_sec, bank_peak = trainer_cost(cfg.bank, anchor_jobs(2 * slots, 70_000), 0)
+    bank_per_anchor = bank_sec / (2 * slots)
+    mta_sec, mta_peak = trainer_cost(cfg.adapt, synthetic_jobs(model, cfg, max(b.users, 2 * slots), 80_000),
+                                     merged_rank)
+    mta_per_user = mta_sec / max(b.users, 2 * slots)
+    print(f"  bank: {bank_per_anchor:.2f} s/anchor; MTA: {mta_per_user:.2f} s/user (steady state)", flush=True)
+
+    # the smallest N end to end, both methods
+    anchors_small = min(cfg.bank.num_clusters, n_small)
+    small_bank, _ = trainer_cost(cfg.bank, anchor_jobs(anchors_small, 90_000), 0)
+    small_users, _ = trainer_cost(cfg.adapt, synthetic_jobs(model, cfg, n_small, 100_000), merged_rank)
+    _, small_oppu, _ = _measure(lambda: run_baseline(model, oppu_jobs(n_small, 110_000), cfg.oppu, device), device)
+    if ckpt:
+        model.gradient_checkpointing_disable()
+
+    bytes_per = 2  # adapters stored in bf16
+    stacked = lora_params(model, cfg.adapt.target_modules, cfg.adapt.rank)
+    oppu_p = lora_params(model, cfg.oppu.target_modules, cfg.oppu.rank)
+    anchor_p = lora_params(model, cfg.bank.target_modules, cfg.bank.rank)
+    rows = []
+    for n in sorted(b.scalability_users):
+        k = min(cfg.bank.num_clusters, n)
+        measured = n == n_small
+        mta_s = small_bank + small_users if measured else k * bank_per_anchor + n * mta_per_user
+        oppu_s = small_oppu if measured else n * oppu_per_user
+        rows.append({"users": n, "measured": measured, "anchors": k,
+                     "mta": {"seconds": round(mta_s, 1), "gpu_hours": round(mta_s / 3600, 4),
+                             "storage_bytes": (k * anchor_p + n * stacked) * bytes_per},
+                     "oppu": {"seconds": round(oppu_s, 1), "gpu_hours": round(oppu_s / 3600, 4),
+                              "storage_bytes": n * oppu_p * bytes_per}})
+        print(f"  N={n}{'' if measured else ' (extrapolated)'}: MTA {mta_s:.0f}s, OPPU {oppu_s:.0f}s", flush=True)
+    result = {
+        "benchmark": "scalability", "device": name, "gpus": 1, "torch": torch.__version__, "model": b.shape,
+        "settings": {"history_items": b.history_items, "prompt_tokens": b.prompt_tokens, "mta_variant": b.variants[0],
+                     "bank": asdict(cfg.bank), "adapt": asdict(cfg.adapt), "oppu": asdict(cfg.oppu),
+                     "anchors_per_user": b.anchors, "storage_dtype": "bfloat16"},
+        "per_unit": {"oppu_s_per_user": round(oppu_per_user, 3), "bank_s_per_anchor": round(bank_per_anchor, 3),
+                     "mta_s_per_user": round(mta_per_user, 3),
+                     "peak_gpu_gib": {"oppu": round(oppu_peak / 2 ** 30, 2), "bank": round(bank_peak / 2 ** 30, 2),
+                                      "mta": round(mta_peak / 2 ** 30, 2)},
+                     "params_per_user": {"mta_stacked": stacked, "oppu": oppu_p}, "params_per_anchor": anchor_p},
+        "measured_end_to_end": {"users": n_small, "mta_bank_s": round(small_bank, 1),
+                                "mta_users_s": round(small_users, 1), "oppu_s": round(small_oppu, 1)},
+        "curve": rows,
+        "note": "rows with measured=false are extrapolated: anchors x bank_s_per_anchor + N x mta_s_per_user "
+                "(MTA), N x oppu_s_per_user (OPPU); per-unit costs measured in this run on this device",
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"scalability-{_slug(b.shape)}-{_slug(name)}"
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    plot_scalability(result, out / f"{stem}.png")
+    save_resolved(cfg, out, "bench-scalability")
+    print(f"  -> {out / stem}.json/.png", flush=True)
+    return result
+
+
+def plot_scalability(result: dict[str, Any], path: Path) -> None:
+    """Two panels like the paper's Figure 2: time vs users and storage vs users (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["curve"]
+    n = [r["users"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, scale, label in ((axes[0], "gpu_hours", 1.0, "GPU-hours"),
+                                  (axes[1], "storage_bytes", 1 / 2 ** 30, "storage (GiB)")):
+        for method, color in (("mta", "tab:blue"), ("oppu", "tab:red")):
+            y = [r[method][key] * scale for r in rows]
+            ax.plot(n, y, color=color, label=method.upper())
+            for x, v, r in zip(n, y, rows):
+                ax.scatter([x], [v], color=color, facecolors=color if r["measured"] else "none", zorder=3)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("users personalised")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(f"MTA vs OPPU, {result['model']} on {result['device']} (filled: measured, hollow: extrapolated)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, load_config
-from .errors import EXIT_INPUT_ERROR, InputError, NotBuiltError
+from .errors import EXIT_INPUT_ERROR, InputError, NotBuiltError  # noqa: F401
 
 EXIT_NOT_BUILT = 3
 
@@ -85,11 +85,12 @@ def _cmd_export(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
-    if args.kind != "throughput":
-        raise NotBuiltError(f"`mta-ray bench {args.kind}` is not built yet (scale issue)")
-    from .bench import run_throughput
+    from .bench import run_scalability, run_throughput
 
-    run_throughput(cfg, args.out, profile=args.profile)
+    if args.kind == "scalability":
+        run_scalability(cfg, args.out)
+    else:
+        run_throughput(cfg, args.out, profile=args.profile)
     return 0
 
 

@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from mta_ray.bench import device_peak
 from mta_ray.cli import main
 
@@ -35,6 +37,25 @@ def test_device_peaks():
     assert device_peak("some cpu") is None
 
 
-def test_scalability_is_not_built_yet(capsys):
-    assert main(["bench", "scalability", str(ROOT / "configs/bench/throughput-8b.yaml")]) == 3
-    assert "not built yet" in capsys.readouterr().err
+def test_bench_scalability_debug_size(tmp_path):
+    """Both methods measured at the smallest N, the rest extrapolated from measured per-unit costs."""
+    code = main(["bench", "scalability", str(ROOT / "configs/bench/scalability-8b.yaml"), "--out", str(tmp_path),
+                 "bench.shape=tiny", "bench.users=4", "bench.baseline_users=2", "bench.prompt_tokens=24",
+                 "bench.history_items=3", "bench.variants=[2]", "bench.scalability_users=[3, 30, 300]",
+                 "bank.num_clusters=5"])
+    assert code == 0
+    (path,) = tmp_path.glob("scalability-tiny-*.json")
+    result = json.loads(path.read_text())
+    assert list(tmp_path.glob("scalability-tiny-*.png"))
+    rows = {r["users"]: r for r in result["curve"]}
+    assert [n for n, r in rows.items() if r["measured"]] == [3]
+    assert rows[3]["anchors"] == 3 and rows[300]["anchors"] == 5          # one anchor per cluster, at most K
+    unit = result["per_unit"]
+    assert unit["oppu_s_per_user"] > 0 and unit["mta_s_per_user"] > 0 and unit["bank_s_per_anchor"] > 0
+    assert rows[300]["oppu"]["seconds"] == pytest.approx(300 * unit["oppu_s_per_user"], abs=0.5)
+    assert rows[300]["mta"]["seconds"] == pytest.approx(5 * unit["bank_s_per_anchor"] + 300 * unit["mta_s_per_user"],
+                                                        abs=0.5)
+    # storage: OPPU r8 q/v vs the stacked r4 all-linear per user plus the bank once, in bf16
+    p = unit["params_per_user"]
+    assert rows[30]["oppu"]["storage_bytes"] == 30 * p["oppu"] * 2
+    assert rows[30]["mta"]["storage_bytes"] == (5 * unit["params_per_anchor"] + 30 * p["mta_stacked"]) * 2
