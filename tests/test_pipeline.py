@@ -137,3 +137,33 @@ def test_killed_worker_actor_is_restarted_and_its_users_retried(run_dir, tiny_mo
     assert proc.returncode == 0, output[-3000:]
     ids = AdapterStore(store).index().column("user_id").to_pylist()
     assert len(ids) == 8 and len(set(ids)) == 8
+
+
+def test_killed_bank_actor_is_restarted_and_every_anchor_trained(run_dir, tiny_model_dir, tmp_path):
+    """A bank worker dies mid-training: Ray restarts it and retries its anchors; the manifest is complete."""
+    import os
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("adapters", "bank"))
+    cmd = [sys.executable, "-m", "mta_ray.cli", "bank", DEMO, "--out", str(out),
+           f"model.base={tiny_model_dir}", *SMALL, "bank.epochs=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    killed, seen = None, None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None and proc.poll() is None:
+        time.sleep(0.5)
+        pids = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "ray::ModelWorker"],
+                              capture_output=True, text=True).stdout.split()
+        if pids and seen is None:
+            seen = time.time()
+        if pids and time.time() - seen > 8:      # loaded and training its share of the anchors
+            killed = int(pids[0])
+            os.kill(killed, signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert killed is not None, "the run ended before the worker could be killed"
+    assert proc.returncode == 0, output[-3000:]
+    anchors = json.loads((out / "bank" / "manifest.json").read_text())["anchors"]
+    clusters = {a["cluster"] for a in anchors}
+    assert len(anchors) == len(clusters) == 4
+    assert all((out / "bank" / a["path"] / "adapter_model.safetensors").is_file() for a in anchors)
