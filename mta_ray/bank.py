@@ -43,8 +43,7 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
     """
     import ray
 
-    from .raysetup import init_ray
-    from .workers import start_workers
+    from .workers import worker_pool
 
     t0 = time.time()
     h = bank_hash(cfg)
@@ -66,12 +65,10 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
     for a in todo:
         owners = sorted(members[a["cluster"]]) if cfg.bank.anchor_data == "cluster" else [a["user_id"]]
         payload.append({"user_id": anchor_id(a["cluster"]), "histories": [users[u]["history"] for u in owners]})
-    init_ray(cfg)
-    own_pool = workers is None
-    pool = start_workers(cfg, None) if own_pool else workers
-    shares = [payload[i::len(pool)] for i in range(len(pool))]
-    futures = [w.train.remote("anchor", share, cfg) for w, share in zip(pool, shares) if share]
-    results = {r["user_id"]: r for batch in ray.get(futures) for r in batch}
+    with worker_pool(cfg, None, workers) as pool:
+        shares = [payload[i::len(pool)] for i in range(len(pool))]
+        futures = [w.train.remote("anchor", share, cfg) for w, share in zip(pool, shares) if share]
+        results = {r["user_id"]: r for batch in ray.get(futures) for r in batch}
     for a in todo:
         aid = anchor_id(a["cluster"])
         r = results[aid]
@@ -84,9 +81,6 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
                      "cluster_size": a["cluster_size"], "path": aid, "retrieval_emb": emb[a["user_id"]],
                      "final_loss": r["final_loss"], "steps": r["steps"], "config_hash": h})
         atomic_write_text(bank_dir / "manifest.json", json.dumps({"anchors": kept}, indent=1))
-    if own_pool:
-        for w in pool:
-            ray.kill(w)
     save_resolved(cfg, bank_dir.parent, bank_dir.name)  # <out>/bank.config.yaml beside <out>/bank/
     return {"anchors": len(kept), "trained": len(todo), "skipped": False, "seconds": round(time.time() - t0, 1)}
 

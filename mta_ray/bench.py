@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .config import Config, LoraTrainConfig, save_resolved
 from .fsutil import atomic_write_text
@@ -221,7 +220,7 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
 
     variants = []
     for v in b.variants:
-        slots, ckpt, fused = int(v.rstrip("cf")), "c" in v, "f" in v
+        slots, ckpt, fused = _variant_slots(v)
         variants.append(_run_variant(model, cfg, device, slots, ckpt, fused, merged_rank, flop_args, peak_flops))
         print(f"  multi-slot {v}: {variants[-1]}", flush=True)
     ok = [x for x in variants if "error" not in x]
@@ -321,6 +320,7 @@ def lora_params(model: Any, targets: list[str], rank: int) -> int:
 
 
 def _variant_slots(v: str) -> tuple[int, bool, bool]:
+    """``12cf`` -> (12 slots, gradient checkpointing, fused kernels)."""
     return int(v.rstrip("cf")), "c" in v, "f" in v
 
 
@@ -365,7 +365,9 @@ def run_scalability(cfg: Config, out: Path) -> dict[str, Any]:
                 p.grad = None
         return sec, peak
 
-    anchor_jobs = lambda n, off: synthetic_jobs(model, cfg, n, off, merged=False, targets=cfg.bank.target_modules)  # noqa: E731
+    def anchor_jobs(n: int, offset: int) -> list[Job]:
+        return synthetic_jobs(model, cfg, n, offset, merged=False, targets=cfg.bank.target_modules)
+
     trainer_cost(cfg.adapt, synthetic_jobs(model, cfg, slots, 50_000), merged_rank)  # warm-up (and compile)
     trainer_cost(cfg.bank, anchor_jobs(slots, 60_000), 0)
     bank_sec, bank_peak = trainer_cost(cfg.bank, anchor_jobs(2 * slots, 70_000), 0)

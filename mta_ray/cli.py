@@ -14,9 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, load_config
-from .errors import EXIT_INPUT_ERROR, InputError, NotBuiltError  # noqa: F401
-
-EXIT_NOT_BUILT = 3
+from .errors import EXIT_INPUT_ERROR, InputError
 
 OVERVIEW = """\
 Merge-then-Adapt (MTA) personalisation of an LLM for every user, on Ray.
@@ -185,9 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INPUT_ERROR
-    except NotBuiltError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NOT_BUILT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -8,14 +8,16 @@ Run: ``mta-ray embed configs/demo.yaml --out runs/demo`` (after ``prepare``).
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from .config import Config, save_resolved, section_hash
+from .fsutil import atomic_dir
 from .prepare import USERS_FILE
 from .tasks import get_task
 
@@ -64,24 +66,32 @@ def embed_hash(cfg: Config) -> str:
     return section_hash(cfg, "data", "embed")
 
 
+def _is_current(out: Path, cfg: Config) -> bool:
+    stamp = out / EMBEDDINGS / "_hash"
+    return stamp.is_file() and stamp.read_text() == embed_hash(cfg)
+
+
+@contextlib.contextmanager
+def _publish(out: Path, cfg: Config) -> Iterator[Path]:
+    """A temporary folder that becomes ``<out>/embeddings.parquet/``, stamped with the settings, only if whole."""
+    with atomic_dir(out / EMBEDDINGS) as tmp:
+        yield tmp
+        (tmp / "_hash").write_text(embed_hash(cfg))
+
+
 def run_embed(cfg: Config, out: Path) -> dict:
     import ray
 
     from .raysetup import init_ray
 
     target = out / EMBEDDINGS
-    stamp = target / "_hash"
-    if stamp.is_file() and stamp.read_text() == embed_hash(cfg):
+    if _is_current(out, cfg):
         return {"skipped": True, "path": str(target)}
     init_ray(cfg)
     t0 = time.time()
     ds = _embedded(cfg, ray.data.read_parquet(str(out / USERS_FILE)).select_columns(["user_id", "history"]))
-    tmp = out / f".{EMBEDDINGS}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp))
-    (tmp / "_hash").write_text(embed_hash(cfg))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with _publish(out, cfg) as tmp:
+        ds.write_parquet(str(tmp))
     save_resolved(cfg, out, "embed")
     return {"skipped": False, "path": str(target), "seconds": round(time.time() - t0, 1)}
 
@@ -107,11 +117,7 @@ def run_embed_many(cfg: Config, outs: list[Path]) -> dict:
 
     from .raysetup import init_ray
 
-    def current(o: Path) -> bool:
-        stamp = o / EMBEDDINGS / "_hash"
-        return stamp.is_file() and stamp.read_text() == embed_hash(cfg)
-
-    todo = [o for o in outs if not current(o)]
+    todo = [o for o in outs if not _is_current(o, cfg)]
     if not todo:
         return {"skipped": True, "folders": len(outs)}
     init_ray(cfg)
@@ -124,13 +130,8 @@ def run_embed_many(cfg: Config, outs: list[Path]) -> dict:
     table = pa.concat_tables([ray.get(ref) for ref in _embedded(cfg, ds).to_arrow_refs()])
     for i, out in enumerate(todo):
         rows = table.filter(pc.equal(table.column("path"), str(i))).drop_columns(["path"])
-        tmp = out / f".{EMBEDDINGS}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        pq.write_table(rows, tmp / "part-00000.parquet")
-        (tmp / "_hash").write_text(embed_hash(cfg))
-        shutil.rmtree(out / EMBEDDINGS, ignore_errors=True)
-        tmp.rename(out / EMBEDDINGS)
+        with _publish(out, cfg) as tmp:
+            pq.write_table(rows, tmp / "part-00000.parquet")
     return {"skipped": False, "folders": len(todo), "users": table.num_rows, "seconds": round(time.time() - t0, 1)}
 
 

@@ -16,7 +16,3 @@ class InputError(Exception):
         super().__init__(f"{where}: {problem}")
         self.where = str(where)
         self.problem = problem
-
-
-class NotBuiltError(Exception):
-    """A command whose stage is not implemented yet (exit 3, says so plainly)."""

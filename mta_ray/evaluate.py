@@ -97,20 +97,15 @@ def bootstrap(task, users_of: np.ndarray, preds: list[str], golds: list[str], n_
 
 
 def run_evaluate(cfg: Config, out: Path, timing: dict | None = None) -> dict:
-    import ray
-
-    from .raysetup import init_ray
-    from .workers import start_workers
+    from .workers import worker_pool
 
     t0 = time.time()
     task = get_task(cfg.data.task)
     users = [u for u in load_users(out / USERS_FILE, ["user_id", "history", "queries"]).to_pylist() if u["queries"]]
     plan = retrieval_plan(cfg, out, [u["user_id"] for u in users])
-    init_ray(cfg)
-    workers = start_workers(cfg, out / "bank")
     results: dict[str, dict] = {}
     per_method: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
-    try:
+    with worker_pool(cfg, out / "bank") as workers:
         for method in cfg.eval.methods:
             reqs, texts = predict(cfg, out, method, users, plan, workers)
             preds = [task.parse_output(t) for t in texts]
@@ -124,9 +119,6 @@ def run_evaluate(cfg: Config, out: Path, timing: dict | None = None) -> dict:
                                "examples": [{"prompt_tail": reqs[i]["prompt"][-160:], "output": texts[i],
                                              "gold": golds[i]} for i in range(min(3, len(reqs)))]}
             print(f"evaluate: {method}: {results[method]['metrics']}", flush=True)
-    finally:
-        for w in workers:
-            ray.kill(w)
     report = {"task": task.name, "config": to_dict(cfg), "methods": results,
               "comparisons": _comparisons(task, per_method, len(users), cfg),
               "timing": {**(timing or {}), "evaluate_s": round(time.time() - t0, 1)},

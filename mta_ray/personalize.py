@@ -64,8 +64,7 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     """
     from ray.util import ActorPool
 
-    from .raysetup import init_ray
-    from .workers import start_workers
+    from .workers import worker_pool
 
     t0 = time.time()
     bank_dir = bank_dir or out / BANK_DIR
@@ -78,32 +77,26 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     plan = retrieval_plan(cfg, out, [u["user_id"] for u in users], bank_dir) if kind == "mta" else {}
     for u in users:
         u["anchors"], u["weights"] = plan.get(u["user_id"], ([], []))
-    init_ray(cfg)
-    own_pool = workers is None
-    pool = start_workers(cfg, None) if own_pool else workers
     chunk = max(1, cfg.adapt.slots * 2)
     chunks = [users[i:i + chunk] for i in range(0, len(users), chunk)]
     by_id = {u["user_id"]: u for u in users}
     finished = failed = 0
-    try:
-        train = (lambda w, c: w.train.remote(kind, c, cfg, str(bank_dir) if kind == "mta" else None))
-        for results in ActorPool(pool).map_unordered(train, chunks):
-            for r in results:
-                u = by_id[r["user_id"]]
-                store.add(r["user_id"], r["lora"], u["anchors"], u["weights"], r["steps"], r["final_loss"],
-                          r["status"], r["error"])
-                finished += 1
-                failed += r["status"] != "ok"
-            rate = finished / max(1e-9, time.time() - t0)
-            eta = (len(users) - finished) / max(rate, 1e-9)
-            print(f"personalize[{kind}]: {finished}/{len(users)} users, {rate:.2f} users/s, ETA {eta:.0f}s"
-                  + (f", {failed} failed" if failed else ""), flush=True)
-    finally:
-        store.flush()
-        if own_pool:
-            import ray
-            for w in pool:
-                ray.kill(w)
+    train = (lambda w, c: w.train.remote(kind, c, cfg, str(bank_dir) if kind == "mta" else None))
+    with worker_pool(cfg, None, workers) as pool:
+        try:
+            for results in ActorPool(pool).map_unordered(train, chunks):
+                for r in results:
+                    u = by_id[r["user_id"]]
+                    store.add(r["user_id"], r["lora"], u["anchors"], u["weights"], r["steps"], r["final_loss"],
+                              r["status"], r["error"])
+                    finished += 1
+                    failed += r["status"] != "ok"
+                rate = finished / max(1e-9, time.time() - t0)
+                eta = (len(users) - finished) / max(rate, 1e-9)
+                print(f"personalize[{kind}]: {finished}/{len(users)} users, {rate:.2f} users/s, ETA {eta:.0f}s"
+                      + (f", {failed} failed" if failed else ""), flush=True)
+        finally:
+            store.flush()
     save_resolved(cfg, out, f"personalize-{label or kind}")
     return {"kind": kind, "trained": finished, "failed": failed, "stored": len(done) + finished,
             "skipped": False, "seconds": round(time.time() - t0, 1)}

@@ -32,7 +32,7 @@ import json
 import shutil
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .data import load_users, read_users, write_users
 from .errors import InputError
 from .fsutil import atomic_write_text
 from .prepare import USERS_FILE
+from .study_report import canonical, ranking, run_metrics
 from .tasks import get_task
 
 SETTINGS = ("val", "paper", "extended")
@@ -125,7 +126,7 @@ class Run:
 
 
 def make_run(setting: str, method: str, choice: dict[str, Any], **changes: Any) -> Run:
-    values = {**choice, **{k.replace("__", "."): v for k, v in changes.items()}}
+    values = canonical({**choice, **{k.replace("__", "."): v for k, v in changes.items()}})
     keys = RELEVANT.get(method, ()) + (("model.dtype",) if "model.dtype" in values else ())
     return Run(setting, method, tuple(sorted((k, values[k]) for k in keys)))
 
@@ -136,7 +137,6 @@ class Study:
     out: Path
     workers: list | None = None
     pool_dtype: str = ""
-    log: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ folders
     def test_dir(self, setting: str, fold: int) -> Path:
@@ -262,36 +262,27 @@ class Study:
                   "adapter_bytes_per_user": round(float(np.mean(bytes_per_user)), 1) if bytes_per_user else 0}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
-        from .metrics import score
-        m = score(task, [r["pred"] for r in rows], [r["gold"] for r in rows])
-        line = (f"study: {run.setting} {run.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
-                + f" ({result['seconds']}s)")
-        print(line, flush=True)
+        m = run_metrics(task, rows)
+        print(f"study: {run.setting} {run.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
+              + f" ({result['seconds']}s)", flush=True)
         return result
 
 
 # --------------------------------------------------------------------------- the procedure
-
-def _score(task, result: dict) -> tuple[float, ...]:
-    from .metrics import score
-
-    m = score(task, [r["pred"] for r in result["rows"]], [r["gold"] for r in result["rows"]])
-    return (m["accuracy"], m.get("f1", 0.0)) if "accuracy" in m else (-m.get("mae", 0.0),)
-
 
 def choose(study: Study, task, method: str, choice: dict, key_values: list[dict]) -> tuple[dict, list[dict]]:
     """Try each candidate (a dict of changes) on validation; keep the best; return it and the table."""
     table, best, best_score = [], None, None
     for changes in key_values:
         result = study.run(make_run("val", method, {**choice, **changes}))
-        sc = _score(task, result)
+        sc = ranking(task, run_metrics(task, result["rows"]))
         table.append({"method": method, "changes": changes, "score": list(sc)})
         if best_score is None or sc > best_score:  # strict: ties keep the earlier candidate
             best, best_score = changes, sc
     return {**choice, **best}, table
 
 
-def run_study(cfg: Config, out: Path, report_dir: Path | None) -> dict:
+def run_study(cfg: Config, out: Path, report_dir: Path) -> dict:
     from .study_report import write_report
 
     st = cfg.study
@@ -299,7 +290,6 @@ def run_study(cfg: Config, out: Path, report_dir: Path | None) -> dict:
     study = Study(cfg, out)
     t0 = time.time()
     print(f"study: prepare {study.prepare()}", flush=True)
-    default_dtype = cfg.model.dtype
     choice: dict[str, Any] = {
         "bank.anchor_data": cfg.bank.anchor_data, "bank.lr": cfg.bank.lr, "merge.space": cfg.merge.space,
         "merge.top_k": cfg.merge.top_k, "merge.fixed_alpha": cfg.merge.fixed_alpha,
@@ -322,33 +312,30 @@ def run_study(cfg: Config, out: Path, report_dir: Path | None) -> dict:
             choice, table = choose(study, task, "merged_only", choice,
                                    [{"merge.fixed_alpha": a} for a in first(None, st.alphas)])
             selection += table
-        for method, key, values in (("mta", "adapt.lr", st.adapt_lrs), ):
-            choice, table = choose(study, task, method, choice, [{key: v} for v in first(choice[key], values)])
-            selection += table
+        choice, table = choose(study, task, "mta", choice,
+                               [{"adapt.lr": v} for v in first(choice["adapt.lr"], st.adapt_lrs)])
+        selection += table
         choice, table = choose(study, task, "mta", choice, [
             {"adapt.rank": r, "adapt.alpha": 2.0 * r} for r in first(choice["adapt.rank"], st.ranks)])
         selection += table
-        _, table = choose(study, task, "oppu", choice, [{"oppu.lr": v} for v in first(choice["oppu.lr"], st.oppu_lrs)])
+        chosen, table = choose(study, task, "oppu", choice,
+                               [{"oppu.lr": v} for v in first(choice["oppu.lr"], st.oppu_lrs)])
         selection += table
-        oppu_lr = max(table, key=lambda t: t["score"])["changes"]["oppu.lr"]
-        ao, table = choose(study, task, "adapt_only", choice,
+        ao, table = choose(study, task, "adapt_only", chosen,
                            [{"adapt.lr": v} for v in first(choice["adapt.lr"], st.adapt_lrs)])
         selection += table
-        chosen = {**choice, "oppu.lr": oppu_lr}
-        adapt_only_values = {**chosen, "adapt.lr": ao["adapt.lr"]}
         print(f"study: chosen on validation: {chosen} (adapt-only lr {ao['adapt.lr']})", flush=True)
 
         tests: dict[str, list[Run]] = {}
         for p in st.protocols:
             runs = [make_run(p, m, chosen) for m in ("base", "rag_k1", "rag_k3", "rag_k5", "oppu")]
-            runs += [make_run(p, "adapt_only", adapt_only_values), make_run(p, "merged_only", chosen),
+            runs += [make_run(p, "adapt_only", ao), make_run(p, "merged_only", chosen),
                      make_run(p, "mta", chosen)]
             if p in st.ablation_protocols:
                 for m in MERGED:
                     runs += [make_run(p, m, chosen, merge__space=s) for s in st.spaces]
                     runs += [make_run(p, m, chosen, bank__anchor_data=a) for a in st.anchor_data]
-                    runs += [make_run(p, m, chosen, merge__top_k=k, merge__fixed_alpha=None
-                                      if k == 1 else chosen["merge.fixed_alpha"]) for k in st.top_k]
+                    runs += [make_run(p, m, chosen, merge__top_k=k) for k in st.top_k]
                     k_alpha = max(chosen["merge.top_k"], 2)
                     runs += [make_run(p, m, chosen, merge__top_k=k_alpha, merge__fixed_alpha=a)
                              for a in [None] + list(st.alphas)]
@@ -357,7 +344,7 @@ def run_study(cfg: Config, out: Path, report_dir: Path | None) -> dict:
             for r in tests[p]:
                 study.run(r)
         if st.dtype_check and _on_gpu(cfg) and "paper" in st.protocols:
-            other = "float32" if default_dtype != "float32" else "bfloat16"
+            other = "float32" if cfg.model.dtype != "float32" else "bfloat16"
             for m in MERGED:
                 r = make_run("paper", m, {**chosen, "model.dtype": other})
                 study.run(r)
@@ -368,7 +355,7 @@ def run_study(cfg: Config, out: Path, report_dir: Path | None) -> dict:
             "tests": {p: [r.key for r in runs] for p, runs in tests.items()},
             "seconds": round(time.time() - t0, 1)}
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=1, default=str) + "\n")
-    return write_report(cfg, out, report_dir or out) if report_dir is not False else plan
+    return write_report(cfg, out, report_dir)
 
 
 def _on_gpu(cfg: Config) -> bool:

@@ -26,6 +26,25 @@ BASELINES = ("base", "rag_k1", "rag_k3", "rag_k5", "oppu", "adapt_only", "merged
 NOTES_FILE = "notes.md"
 
 
+def canonical(values: dict[str, Any]) -> dict[str, Any]:
+    """One spelling per configuration: with a single anchor there is nothing to weigh, so no fixed alpha."""
+    if values.get("merge.top_k") == 1 and values.get("merge.fixed_alpha") is not None:
+        return {**values, "merge.fixed_alpha": None}
+    return values
+
+
+def run_metrics(task, rows: list[dict]) -> dict[str, float]:
+    """The task's LaMP metrics over a run's (or a resample's) rows."""
+    return score(task, [r["pred"] for r in rows], [r["gold"] for r in rows])
+
+
+def ranking(task, metrics: dict[str, float]) -> tuple[float, ...]:
+    """Larger is better: the primary metric first, then the others (each signed so larger is better)."""
+    primary = primary_metric(task)
+    return tuple(metrics[k] if HIGHER_IS_BETTER[k] else -metrics[k]
+                 for k in [primary] + [k for k in metrics if k != primary])
+
+
 class Results:
     """Cached runs of one protocol, with shared user resamples for paired statistics."""
 
@@ -35,24 +54,25 @@ class Results:
         for run in runs:
             if [r["user_id"] for r in run["rows"]] != users:
                 raise ValueError(f"run {run['name']} has other queries than {runs[0]['name']}")
-        ids = sorted(set(users))
-        of = np.array([ids.index(u) for u in users])
-        by_user = [np.flatnonzero(of == i) for i in range(len(ids))]
+        index = {u: i for i, u in enumerate(sorted(set(users)))}
+        of = np.array([index[u] for u in users])
+        by_user = [np.flatnonzero(of == i) for i in range(len(index))]
         rng = np.random.default_rng(seed)
-        self.resamples = [np.concatenate([by_user[i] for i in rng.integers(0, len(ids), len(ids))])
+        self.resamples = [np.concatenate([by_user[i] for i in rng.integers(0, len(index), len(index))])
                           for _ in range(samples)]
-        self.n_users, self.n_queries = len(ids), len(users)
+        self.n_users, self.n_queries = len(index), len(users)
+        self._draws: dict[str, dict[str, np.ndarray]] = {}
 
-    def _scores(self, run: dict, idx: np.ndarray | None = None) -> dict[str, float]:
-        rows = run["rows"] if idx is None else [run["rows"][i] for i in idx]
-        return score(self.task, [r["pred"] for r in rows], [r["gold"] for r in rows])
+    def draws(self, run: dict) -> dict[str, np.ndarray]:
+        """Each metric over every resample, computed once per run (summaries and paired tests share them)."""
+        if run["name"] not in self._draws:
+            per = [run_metrics(self.task, [run["rows"][i] for i in idx]) for idx in self.resamples]
+            self._draws[run["name"]] = {k: np.array([m[k] for m in per]) for k in per[0]}
+        return self._draws[run["name"]]
 
     def summary(self, run: dict) -> dict[str, Any]:
-        point = self._scores(run)
-        draws: dict[str, list[float]] = {}
-        for idx in self.resamples:
-            for k, v in self._scores(run, idx).items():
-                draws.setdefault(k, []).append(v)
+        point = run_metrics(self.task, run["rows"])
+        draws = self.draws(run)
         return {"name": run["name"], "method": run["method"], "values": run["values"], "metrics": point,
                 "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()},
                 "n_queries": self.n_queries, "n_users": self.n_users, "train_s": run["train_s"],
@@ -62,8 +82,8 @@ class Results:
         """a minus b on the primary metric (sign: positive = a better), same users, same resamples."""
         name = primary_metric(self.task)
         sign = 1 if HIGHER_IS_BETTER[name] else -1
-        diffs = np.array([sign * (self._scores(a, i)[name] - self._scores(b, i)[name]) for i in self.resamples])
-        point = sign * (self._scores(a)[name] - self._scores(b)[name])
+        diffs = sign * (self.draws(a)[name] - self.draws(b)[name])
+        point = sign * (run_metrics(self.task, a["rows"])[name] - run_metrics(self.task, b["rows"])[name])
         wins = sum(ra["pred"] == ra["gold"] != rb["pred"] for ra, rb in zip(a["rows"], b["rows"]))
         losses = sum(rb["pred"] == rb["gold"] != ra["pred"] for ra, rb in zip(a["rows"], b["rows"]))
         return {"a": a["name"], "b": b["name"], "metric": name, "advantage": float(point),
@@ -72,23 +92,22 @@ class Results:
                 "queries_only_b_right": int(losses)}
 
 
-def _find(runs: list[dict], method: str, **values: Any) -> dict | None:
-    """The run of ``method`` (default dtype) whose settings match ``values`` on the keys it has."""
+def runs_like(runs: list[dict], method: str, target: dict[str, Any], free: tuple[str, ...] = ()) -> list[dict]:
+    """Runs of ``method`` at the default dtype whose settings equal ``target`` on every key but ``free``."""
+    found = []
     for r in runs:
         v = r["values"]
-        if r["method"] == method and "model.dtype" not in v and all(
-                v[k.replace("__", ".")] == x for k, x in values.items() if k.replace("__", ".") in v):
-            return r
-    return None
+        if r["method"] != method or "model.dtype" in v:
+            continue
+        want = canonical({**target, **{k: v[k] for k in free if k in v}})
+        if all(v[k] == want.get(k) for k in v):
+            found.append(r)
+    return found
 
 
-def _chosen(runs: list[dict], method: str, chosen: dict) -> dict | None:
-    """The run of ``method`` at exactly the chosen values (no dtype change)."""
-    for r in runs:
-        if r["method"] == method and "model.dtype" not in r["values"] and all(
-                chosen.get(k) == v for k, v in r["values"].items()):
-            return r
-    return None
+def _one(runs: list[dict], method: str, target: dict[str, Any]) -> dict | None:
+    found = runs_like(runs, method, target)
+    return found[0] if found else None
 
 
 def write_report(cfg: Config, out: Path, report_dir: Path) -> dict:
@@ -104,8 +123,8 @@ def write_report(cfg: Config, out: Path, report_dir: Path) -> dict:
         runs = [json.loads((out / "preds" / protocol / f"{k}.json").read_text()) for k in keys]
         res = Results(task, runs, cfg.eval.bootstrap, cfg.seed)
         summaries = {r["name"]: res.summary(r) for r in runs}
-        mta = _chosen(runs, "mta", chosen)
-        merged = _chosen(runs, "merged_only", chosen)
+        mta = _one(runs, "mta", chosen)
+        merged = _one(runs, "merged_only", chosen)
         main = {m: next(r for r in runs if r["method"] == m) for m in BASELINES if m not in ("merged_only",)}
         main["merged_only"] = merged
         rags = {m: main[m] for m in ("rag_k1", "rag_k3", "rag_k5")}
@@ -129,57 +148,30 @@ def _studies(runs: list[dict], chosen: dict, summaries: dict, res: Results) -> d
     """One-factor studies around the chosen configuration, with paired tests where they answer a question."""
     out: dict[str, Any] = {}
 
-    def series(method: str, key: str, fixed: dict) -> list[dict]:
-        rows = []
-        for r in runs:
-            v = r["values"]
-            if r["method"] != method or "model.dtype" in v:
-                continue
-            # top-K = 1 has nothing to weigh: its run carries adaptive weights whatever alpha was chosen
-            loose = {"merge.fixed_alpha"} if key == "merge.top_k" and v.get(key) == 1 else set()
-            if all(v.get(k) == (fixed[k] if k in fixed else chosen.get(k)) for k in v if k != key and k not in loose):
-                rows.append({"value": v.get(key), **{k: summaries[r["name"]][k] for k in ("metrics", "ci95", "name")}})
+    def series(method: str, key: str, target: dict, free: tuple[str, ...] = ()) -> list[dict]:
+        rows = [{"value": r["values"].get(key), **{k: summaries[r["name"]][k] for k in ("metrics", "ci95", "name")}}
+                for r in runs_like(runs, method, target, (key,) + free)]
         return sorted(rows, key=lambda x: (x["value"] is not None, x["value"] if x["value"] is not None else 0))
 
     k_alpha = max(chosen["merge.top_k"], 2)
     for m in ("mta", "merged_only"):
-        out[f"top_k/{m}"] = series(m, "merge.top_k", {"merge.fixed_alpha": chosen["merge.fixed_alpha"]})
-        out[f"alpha/{m}"] = series(m, "merge.fixed_alpha", {"merge.top_k": k_alpha})
-        out[f"space/{m}"] = series(m, "merge.space", {})
-        out[f"anchor_data/{m}"] = series(m, "bank.anchor_data", {})
-    out["rank/mta"] = _rank_series(runs, chosen, summaries)
+        out[f"top_k/{m}"] = series(m, "merge.top_k", chosen)
+        out[f"alpha/{m}"] = series(m, "merge.fixed_alpha", {**chosen, "merge.top_k": k_alpha})
+        out[f"space/{m}"] = series(m, "merge.space", chosen)
+        out[f"anchor_data/{m}"] = series(m, "bank.anchor_data", chosen)
+    out["rank/mta"] = series("mta", "adapt.rank", chosen, ("adapt.alpha",))
     tests: dict[str, Any] = {}
     for m in ("mta", "merged_only"):
-        d, p = _find(runs, m, **_at(chosen, merge__space="delta")), _find(runs, m, **_at(chosen, merge__space="params"))
-        if d and p:
-            tests[f"{m}: delta vs params space"] = res.paired(d, p)
-        c, o = (_find(runs, m, **_at(chosen, bank__anchor_data="cluster")),
-                _find(runs, m, **_at(chosen, bank__anchor_data="own")))
-        if c and o:
-            tests[f"{m}: cluster-pooled vs own-history anchors"] = res.paired(c, o)
+        for key, a, b, label in (("merge.space", "delta", "params", "delta vs params space"),
+                                 ("bank.anchor_data", "cluster", "own", "cluster-pooled vs own-history anchors")):
+            ra, rb = _one(runs, m, {**chosen, key: a}), _one(runs, m, {**chosen, key: b})
+            if ra and rb:
+                tests[f"{m}: {label}"] = res.paired(ra, rb)
         low = [r for r in runs if r["method"] == m and r["values"].get("model.dtype")]
         if low:
-            base = _chosen(runs, m, chosen)
-            tests[f"{m}: {low[0]['values']['model.dtype']} vs default dtype"] = res.paired(low[0], base)
+            tests[f"{m}: {low[0]['values']['model.dtype']} vs default dtype"] = res.paired(low[0], _one(runs, m, chosen))
     out["tests"] = tests
     return out
-
-
-def _at(chosen: dict, **changes: Any) -> dict:
-    """Keyword form of the chosen values with some changed (for :func:`_find`)."""
-    values = {k.replace(".", "__"): v for k, v in chosen.items() if k != "oppu.lr"}
-    values.update(changes)
-    return values
-
-
-def _rank_series(runs: list[dict], chosen: dict, summaries: dict) -> list[dict]:
-    rows = []
-    for r in runs:
-        v = r["values"]
-        if r["method"] == "mta" and "model.dtype" not in v and all(
-                v.get(k) == chosen.get(k) for k in v if k not in ("adapt.rank", "adapt.alpha")):
-            rows.append({"value": v["adapt.rank"], **{k: summaries[r["name"]][k] for k in ("metrics", "ci95", "name")}})
-    return sorted(rows, key=lambda x: x["value"])
 
 
 def _design(cfg: Config) -> dict[str, Any]:

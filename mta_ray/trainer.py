@@ -24,7 +24,7 @@ from torch import nn
 from .config import LoraTrainConfig
 from .fused import apply_fused
 from .lora import Lora
-from .multilora import MultiSlotLinear, get_stacked, init_stacked, inject, restore, set_merged, set_stacked
+from .multilora import get_stacked, init_stacked, inject, restore, set_merged, set_stacked
 
 IGNORE = -100
 

@@ -9,9 +9,10 @@ trainer, and returns each user's adapter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 import torch
@@ -122,6 +123,23 @@ class ModelWorker:
             stacked = [self._store(r["store"]).load(r["row"]) if r.get("store") else None for r in chunk]
             out += generate(self.model, self.tokenizer, prompts, max_new, merged, stacked, targets)
         return out
+
+
+@contextlib.contextmanager
+def worker_pool(cfg: Config, bank_dir: Path | None = None, workers: list | None = None) -> Iterator[list[Any]]:
+    """``workers`` when a caller passes its own pool (left running), else a fresh pool stopped on exit."""
+    if workers is not None:
+        yield workers
+        return
+    from .raysetup import init_ray
+
+    init_ray(cfg)
+    pool = start_workers(cfg, bank_dir)
+    try:
+        yield pool
+    finally:
+        for w in pool:
+            ray.kill(w)
 
 
 def start_workers(cfg: Config, bank_dir: Path | None) -> list[Any]:
