@@ -31,13 +31,6 @@ from .lora import LoraPair, fold_into, merge_delta, scaled
 from .multilora import target_module_names
 from .trainer import Example, Job, MultiSlotTrainer, plan_windows, user_seed
 
-SHAPES = {
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                      rope_theta=500000.0, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, tie_word_embeddings=False),
-}
 # Dense bf16 tensor-core peaks (no sparsity), by device-name substring, most specific first.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L20", 119.5e12)]
@@ -49,24 +42,14 @@ def device_peak(name: str) -> float | None:
 
 def build_model(cfg: Config, device: str) -> Any:
     """A frozen model to benchmark: a random-weight named shape, or the configured real base."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from .models import SHAPES, load_base, random_model
 
     if cfg.bench.shape == "real":
-        from .models import load_base
         model, _ = load_base(cfg.model, device)
         return model
     if cfg.bench.shape not in SHAPES:
         raise ValueError(f"unknown bench.shape {cfg.bench.shape!r}; known: real, {', '.join(SHAPES)}")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**SHAPES[cfg.bench.shape]))
-    finally:
-        torch.set_default_dtype(prev)
-    model.eval().requires_grad_(False)
-    return model
+    return random_model(cfg.bench.shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
 
 
 def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0, merged: bool = True,

@@ -27,7 +27,7 @@ Stages (each reads the previous one's files in --out and skips work already done
   personalize  merge top-K anchors + train a stacked rank-4 adapter per user -> adapters/
   evaluate     LaMP metrics for MTA and baselines -> report.json, report.md
   run          all of the above in order
-  bench        throughput / scalability benchmarks -> JSON
+  bench        throughput / scalability / pipeline (memory, GPUs) benchmarks -> JSON
   export       one user's personalised model as a PEFT adapter
   study        real-data study (2-fold cross-banking, validation-chosen settings,
                every baseline and ablation, bootstrap CIs, plots)
@@ -87,6 +87,10 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 
     if args.kind == "scalability":
         run_scalability(cfg, args.out)
+    elif args.kind == "pipeline":
+        from .bench_pipeline import run_pipeline_bench
+
+        run_pipeline_bench(cfg, args.out, args.part, args.work)
     else:
         run_throughput(cfg, args.out, profile=args.profile)
     return 0
@@ -124,7 +128,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
                     "merge-then-adapt every user (or train a baseline's adapters)"),
     "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
-    "bench": (_cmd_bench, "throughput / scalability benchmarks"),
+    "bench": (_cmd_bench, "throughput / scalability / pipeline benchmarks"),
     "export": (_cmd_export, "write one user's model as a PEFT adapter"),
     "study": (_cmd_study, "real-data study: cross-banking, validation-chosen settings, baselines, ablations"),
 }
@@ -139,14 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="Overrides are dotted keys of the config, e.g. data.path=FILE "
                                   "merge.top_k=3; unknown keys are errors.")
         if name == "bench":
-            p.add_argument("kind", choices=["throughput", "scalability"], help="which benchmark")
+            p.add_argument("kind", choices=["throughput", "scalability", "pipeline"],
+                           help="throughput: multi-slot trainer vs one user at a time; scalability: MTA vs "
+                                "OPPU cost for N users; pipeline: every stage's time and peak GPU memory, "
+                                "then personalize on 1..G GPUs")
         p.add_argument("config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", type=Path, default=None,
                        help="output folder (default: runs/<config name>)")
         if name == "bench":
             p.add_argument("--profile", action="store_true",
-                           help="also profile the best variant (writes profile.txt)")
+                           help="throughput: also profile the best variant (writes profile.txt)")
+            p.add_argument("--part", choices=["all", "stages", "scaling"], default="all",
+                           help="pipeline: stages (time, peak GPU memory), scaling (1..G GPUs) or all")
+            p.add_argument("--work", type=Path, default=None,
+                           help="pipeline: work folder to use and keep (default: a temporary one, removed)")
         if name == "personalize":
             p.add_argument("--kind", choices=["mta", "adapt_only", "oppu"], default="mta",
                            help="mta (default), or a baseline's per-user adapters")

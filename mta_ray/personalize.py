@@ -15,6 +15,7 @@ Run: ``mta-ray personalize configs/demo.yaml --out runs/demo`` (after ``bank``).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def retrieval_plan(cfg: Config, out: Path, user_ids: list[str],
     return plan
 
 
+def chunk_size(n_users: int, slots: int, workers: int) -> int:
+    """Users per worker call: about two slot-fills (refill keeps slots busy), in a number of chunks
+    that divides evenly among the workers (no worker left with the last, lone chunk)."""
+    chunks = math.ceil(n_users / max(1, 2 * slots))
+    chunks = math.ceil(chunks / workers) * workers
+    return max(1, math.ceil(n_users / chunks))
+
+
 def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | None = None,
                     label: str | None = None, bank_dir: Path | None = None) -> dict:
     """Train ``kind`` adapters for every user not yet stored in ``adapters/<label or kind>``.
@@ -77,12 +86,12 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     plan = retrieval_plan(cfg, out, [u["user_id"] for u in users], bank_dir) if kind == "mta" else {}
     for u in users:
         u["anchors"], u["weights"] = plan.get(u["user_id"], ([], []))
-    chunk = max(1, cfg.adapt.slots * 2)
-    chunks = [users[i:i + chunk] for i in range(0, len(users), chunk)]
     by_id = {u["user_id"]: u for u in users}
     finished = failed = 0
     train = (lambda w, c: w.train.remote(kind, c, cfg, str(bank_dir) if kind == "mta" else None))
     with worker_pool(cfg, None, workers) as pool:
+        chunk = chunk_size(len(users), cfg.adapt.slots, len(pool))
+        chunks = [users[i:i + chunk] for i in range(0, len(users), chunk)]
         try:
             for results in ActorPool(pool).map_unordered(train, chunks):
                 for r in results:

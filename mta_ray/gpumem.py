@@ -1,0 +1,90 @@
+"""Peak GPU memory of whole phases, as the card sees it (every process, CUDA contexts included).
+
+Why not ``torch.cuda.max_memory_allocated``: the pipeline's GPU work runs in Ray
+actors and Ray Data workers, not in the driver, and what must fit a 48 GB card
+is everything on it. A thread polls ``nvidia-smi`` and keeps each phase's peak
+per GPU. The driver itself never touches CUDA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import threading
+import time
+from typing import Iterator
+
+MIB = 1024 ** 2
+GIB = 1024 ** 3
+
+
+def read_used_bytes() -> list[int]:
+    """Used memory of each GPU in bytes (empty when there is no NVIDIA GPU or no nvidia-smi)."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(float(line)) * MIB for line in text.split() if line.strip()]
+
+
+class GpuMemorySampler:
+    """Polls every ``interval`` seconds; :meth:`phase` records the peak of each GPU while it runs."""
+
+    def __init__(self, interval: float = 0.2, reader=read_used_bytes):
+        self.interval = interval
+        self._read = reader
+        self._lock = threading.Lock()
+        self._peak: list[int] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peaks: dict[str, list[int]] = {}
+        """Phase name -> peak used bytes per GPU."""
+
+    def __enter__(self) -> "GpuMemorySampler":
+        self._thread = threading.Thread(target=self._loop, name="gpu-memory-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+
+    def _sample(self) -> list[int]:
+        used = self._read()
+        with self._lock:
+            if len(self._peak) != len(used):
+                self._peak = list(used)
+            else:
+                self._peak = [max(a, b) for a, b in zip(self._peak, used)]
+        return used
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Peak per GPU from entering to leaving (sampled once more at both ends)."""
+        with self._lock:
+            self._peak = []
+        self._sample()
+        try:
+            yield
+        finally:
+            self._sample()
+            with self._lock:
+                self.peaks[name] = list(self._peak)
+
+    def wait_idle(self, below_bytes: int = 2 * GIB, timeout: float = 120.0) -> list[int]:
+        """Wait until every GPU uses less than ``below_bytes`` (the last phase's actors have exited)."""
+        deadline = time.time() + timeout
+        used = self._read()
+        while used and max(used) >= below_bytes and time.time() < deadline:
+            time.sleep(self.interval)
+            used = self._read()
+        return used
