@@ -1,7 +1,9 @@
 """Stage ``bank``: train one LoRA per anchor on Ray workers -> ``bank/`` (manifest + PEFT adapters).
 
 Workers (one base model resident each) train their share of the anchors in
-slots of the multi-slot trainer (rank ``bank.rank``, no merged branch). An
+slots of the multi-slot trainer (rank ``bank.rank``, no merged branch); with
+``bank.engine=deepspeed`` a Ray Train job with DeepSpeed ZeRO trains them one at a
+time across several GPUs instead (:mod:`mta_ray.bank_deepspeed`, for big bases). An
 anchor trains on its own history (paper) or, with ``bank.anchor_data=cluster``,
 on the pooled histories of its whole cluster. Anchors already in the manifest
 with the same config hash are kept.
@@ -15,11 +17,13 @@ import json
 import time
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config, save_resolved, section_hash
-from .data import load_users
-from .embed import load_embeddings
+from .embed import EMBEDDINGS
+from .errors import InputError
 from .fsutil import atomic_dir, atomic_write_text
 from .lora import save_peft
 from .prepare import USERS_FILE
@@ -55,20 +59,31 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
     todo = [a for a in anchors if a["cluster"] not in done]
     if not todo:
         return {"anchors": len(kept), "trained": 0, "skipped": True}
-    users = {u["user_id"]: u for u in load_users(out / USERS_FILE, ["user_id", "history"]).to_pylist()}
-    members: dict[int, list[str]] = {}
-    for row in pq.read_table(out / "clusters.parquet").to_pylist():
-        members.setdefault(row["cluster"], []).append(row["user_id"])
-    emb = {r["user_id"]: r["retrieval_emb"] for r in load_embeddings(out).select(
-        ["user_id", "retrieval_emb"]).to_pylist()}
+    members: dict[int, list[str]] = {a["cluster"]: [a["user_id"]] for a in todo}
+    if cfg.bank.anchor_data == "cluster":  # the members of the clusters to train, not the whole table
+        wanted = pa.array(sorted(members), pa.int32())
+        clusters = pq.read_table(out / "clusters.parquet", filters=pc.field("cluster").isin(wanted))
+        members = {c: [] for c in members}
+        for row in clusters.to_pylist():
+            members[row["cluster"]].append(row["user_id"])
+    users = _rows_of(out / USERS_FILE, ["user_id", "history"], {u for m in members.values() for u in m})
+    emb = {r["user_id"]: r["retrieval_emb"]
+           for r in _rows_of(out / EMBEDDINGS, ["user_id", "retrieval_emb"], {a["user_id"] for a in todo}).values()}
     payload = []
     for a in todo:
         owners = sorted(members[a["cluster"]]) if cfg.bank.anchor_data == "cluster" else [a["user_id"]]
         payload.append({"user_id": anchor_id(a["cluster"]), "histories": [users[u]["history"] for u in owners]})
-    with worker_pool(cfg, None, workers) as pool:
-        shares = [payload[i::len(pool)] for i in range(len(pool))]
-        futures = [w.train.remote("anchor", share, cfg) for w, share in zip(pool, shares) if share]
-        results = {r["user_id"]: r for batch in ray.get(futures) for r in batch}
+    if cfg.bank.engine == "deepspeed":
+        from .bank_deepspeed import train_anchors
+        from .raysetup import init_ray
+
+        init_ray(cfg)
+        results = train_anchors(cfg, payload, bank_dir)
+    else:
+        with worker_pool(cfg, None, workers) as pool:
+            shares = [payload[i::len(pool)] for i in range(len(pool))]
+            futures = [w.train.remote("anchor", share, cfg) for w, share in zip(pool, shares) if share]
+            results = {r["user_id"]: r for batch in ray.get(futures) for r in batch}
     for a in todo:
         aid = anchor_id(a["cluster"])
         r = results[aid]
@@ -83,6 +98,15 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
         atomic_write_text(bank_dir / "manifest.json", json.dumps({"anchors": kept}, indent=1))
     save_resolved(cfg, bank_dir.parent, bank_dir.name)  # <out>/bank.config.yaml beside <out>/bank/
     return {"anchors": len(kept), "trained": len(todo), "skipped": False, "seconds": round(time.time() - t0, 1)}
+
+
+def _rows_of(path: Path, columns: list[str], user_ids: set[str]) -> dict[str, dict]:
+    """The rows of these users only (parquet predicate pushdown: the table is never loaded whole)."""
+    if not path.exists():
+        raise InputError(str(path), "not found (run the stage that writes it first)")
+    wanted = pa.array(sorted(user_ids), pa.string())
+    table = pq.read_table(str(path), columns=columns, filters=pc.field("user_id").isin(wanted))
+    return {r["user_id"]: r for r in table.to_pylist()}
 
 
 def anchor_id(cluster: int) -> str:

@@ -27,7 +27,7 @@ Stages (each reads the previous one's files in --out and skips work already done
   personalize  merge top-K anchors + train a stacked rank-4 adapter per user -> adapters/
   evaluate     LaMP metrics for MTA and baselines -> report.json, report.md
   run          all of the above in order
-  bench        throughput / scalability / pipeline (memory, GPUs) benchmarks -> JSON
+  bench        throughput / scalability / pipeline (GPU memory, GPUs) / memory (driver) -> JSON
   export       one user's personalised model as a PEFT adapter
   study        real-data study (2-fold cross-banking, validation-chosen settings,
                every baseline and ablation, bootstrap CIs, plots)
@@ -87,6 +87,10 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 
     if args.kind == "scalability":
         run_scalability(cfg, args.out)
+    elif args.kind == "memory":
+        from .bench_memory import run_memory_bench
+
+        run_memory_bench(cfg, args.out, args.config, args.overrides)
     elif args.kind == "pipeline":
         from .bench_pipeline import run_pipeline_bench
 
@@ -143,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="Overrides are dotted keys of the config, e.g. data.path=FILE "
                                   "merge.top_k=3; unknown keys are errors.")
         if name == "bench":
-            p.add_argument("kind", choices=["throughput", "scalability", "pipeline"],
+            p.add_argument("kind", choices=["throughput", "scalability", "pipeline", "memory"],
                            help="throughput: multi-slot trainer vs one user at a time; scalability: MTA vs "
                                 "OPPU cost for N users; pipeline: every stage's time and peak GPU memory, "
-                                "then personalize on 1..G GPUs")
+                                "then personalize on 1..G GPUs; memory: each stage's peak driver memory "
+                                "for N and 10N users")
         p.add_argument("config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", type=Path, default=None,

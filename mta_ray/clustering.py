@@ -5,7 +5,9 @@ anchor user_id, n_items, cluster size). A cluster whose most active user has
 fewer than ``bank.min_items`` items gets no anchor (as the reference code).
 Ties between equally active users go to the one nearest the cluster's centroid
 (the most typical member: on LaMP-2 every user has 10 items, so activity alone
-decides nothing), then to the smallest user_id.
+decides nothing), then to the smallest user_id. Above ``bank.minibatch_kmeans_above``
+users the stage streams: MiniBatchKMeans is fitted batch by batch and users are
+labelled in a second pass, one batch of embeddings in memory at a time.
 
 Run: ``mta-ray cluster configs/demo.yaml --out runs/demo`` (after ``embed``).
 """
@@ -13,26 +15,24 @@ Run: ``mta-ray cluster configs/demo.yaml --out runs/demo`` (after ``embed``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import Config, save_resolved
-from .embed import load_embeddings
+from .data import count_rows
+from .embed import EMBEDDINGS, load_embeddings
 from .errors import InputError
 from .fsutil import atomic_path
 
 
-def kmeans_labels(x: np.ndarray, k: int, seed: int, minibatch_above: int) -> np.ndarray:
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+def kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Exact K-Means (10 restarts) for user sets that fit in memory."""
+    from sklearn.cluster import KMeans
 
-    k = min(k, len(x))
-    if len(x) > minibatch_above:
-        model = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
-    else:
-        model = KMeans(n_clusters=k, random_state=seed, n_init=10)
-    return model.fit_predict(x)
+    return KMeans(n_clusters=min(k, len(x)), random_state=seed, n_init=10).fit_predict(x)
 
 
 def pick_anchors(user_ids: list[str], n_items: list[int], labels: np.ndarray, min_items: int,
@@ -53,18 +53,72 @@ def pick_anchors(user_ids: list[str], n_items: list[int], labels: np.ndarray, mi
     return anchors
 
 
+def _embedding_batches(out: Path, columns: list[str], rows: int = 16384) -> Iterator[pa.RecordBatch]:
+    for f in sorted((out / EMBEDDINGS).glob("*.parquet")):
+        yield from pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns)
+
+
+def _matrix(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    values = batch.column(column)
+    return values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(values), -1)
+
+
+def cluster_streaming(cfg: Config, out: Path) -> tuple[list[dict], int, int]:
+    """Many users: MiniBatchKMeans fitted batch by batch, then labels and anchors in a second pass.
+
+    The driver holds one batch of embeddings at a time; ``clusters.parquet`` is written as it goes.
+    Anchor ties go to the member nearest the fitted centre (the in-memory path uses the members' mean).
+    Returns (anchors, clusters, users).
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    model = MiniBatchKMeans(n_clusters=cfg.bank.num_clusters, random_state=cfg.seed, batch_size=4096, n_init=3)
+    for batch in _embedding_batches(out, ["cluster_emb"]):
+        model.partial_fit(_matrix(batch, "cluster_emb"))
+    best: dict[int, tuple] = {}
+    sizes: dict[int, int] = {}
+    users = 0
+    schema = pa.schema([("user_id", pa.string()), ("cluster", pa.int32())])
+    with atomic_path(out / "clusters.parquet") as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for batch in _embedding_batches(out, ["user_id", "n_items", "cluster_emb"]):
+            x = _matrix(batch, "cluster_emb")
+            labels = model.predict(x)
+            dist = np.linalg.norm(x - model.cluster_centers_[labels], axis=1)
+            ids, items = batch.column("user_id").to_pylist(), batch.column("n_items").to_pylist()
+            writer.write_table(pa.table({"user_id": ids, "cluster": labels.astype(np.int32)}, schema=schema))
+            for uid, n, c, d in zip(ids, items, labels.tolist(), dist.tolist()):
+                sizes[c] = sizes.get(c, 0) + 1
+                key = (-n, round(d, 6), uid)
+                if c not in best or key < best[c]:
+                    best[c] = key
+            users += len(ids)
+    anchors = [{"cluster": c, "user_id": key[2], "n_items": -key[0], "cluster_size": sizes[c]}
+               for c, key in sorted(best.items()) if -key[0] >= cfg.bank.min_items]
+    return anchors, len(sizes), users
+
+
 def run_cluster(cfg: Config, out: Path) -> dict:
+    if not (out / EMBEDDINGS).is_dir():
+        raise InputError(str(out / EMBEDDINGS), "embeddings not found (run `mta-ray embed` first)")
+    if count_rows(out / EMBEDDINGS) > cfg.bank.minibatch_kmeans_above:
+        anchors, clusters, users = cluster_streaming(cfg, out)
+        _write_anchors(cfg, out, anchors)
+        return {"clusters": clusters, "anchors": len(anchors), "users": users, "streamed": True}
     emb = load_embeddings(out)
     user_ids = emb.column("user_id").to_pylist()
     n_items = emb.column("n_items").to_pylist()
     x = np.array(emb.column("cluster_emb").to_pylist(), dtype=np.float32)
-    labels = kmeans_labels(x, cfg.bank.num_clusters, cfg.seed, cfg.bank.minibatch_kmeans_above)
+    labels = kmeans_labels(x, cfg.bank.num_clusters, cfg.seed)
     anchors = pick_anchors(user_ids, n_items, labels, cfg.bank.min_items, x)
-    if not anchors:
-        raise InputError("bank.min_items", f"no cluster has a user with at least {cfg.bank.min_items} items")
     with atomic_path(out / "clusters.parquet") as tmp:
         pq.write_table(pa.table({"user_id": user_ids, "cluster": labels.astype(np.int32)}), tmp)
+    _write_anchors(cfg, out, anchors)
+    return {"clusters": int(labels.max()) + 1, "anchors": len(anchors), "users": len(user_ids)}
+
+
+def _write_anchors(cfg: Config, out: Path, anchors: list[dict]) -> None:
+    if not anchors:
+        raise InputError("bank.min_items", f"no cluster has a user with at least {cfg.bank.min_items} items")
     with atomic_path(out / "anchors.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(anchors), tmp)
     save_resolved(cfg, out, "cluster")
-    return {"clusters": int(labels.max()) + 1, "anchors": len(anchors), "users": len(user_ids)}

@@ -141,6 +141,23 @@ class LoraTrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """Anchor training with DeepSpeed ZeRO on Ray Train (``bank.engine: deepspeed``)."""
+
+    workers: int = 1
+    """Ray Train workers (one GPU each on a GPU cluster); the anchor's batches are split among them."""
+    zero_stage: Literal[2, 3] = 3
+    """2: optimizer state and gradients sharded (the base must fit each GPU); 3: the base's weights too."""
+    offload: Literal["none", "cpu"] = "none"
+    """``cpu``: optimizer state (and, at stage 3, parameters) live in host memory: fits larger bases on
+    fewer GPUs, at the cost of speed."""
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+
+
+@dataclass
 class BankConfig(LoraTrainConfig):
     """Stage 1: cluster the candidate users, train one LoRA per anchor."""
 
@@ -148,9 +165,15 @@ class BankConfig(LoraTrainConfig):
     min_items: int = 11
     """An anchor needs at least this many history items (reference code: more than 10)."""
     minibatch_kmeans_above: int = 20000
-    """Use MiniBatchKMeans when there are more candidate users than this."""
+    """Above this many users, ``cluster`` streams: MiniBatchKMeans fitted batch by batch (flat memory)."""
     anchor_data: Literal["own", "cluster"] = "own"
     """Train an anchor on its own history (paper) or on its whole cluster's pooled histories."""
+    engine: Literal["multislot", "deepspeed"] = "multislot"
+    """``multislot`` (default): many anchors at a time on resident-model workers, one base per GPU: the
+    fastest whenever the base fits one GPU with room for activations (8B in bf16 fits 48 GB). ``deepspeed``:
+    one anchor at a time, data-parallel over ``deepspeed.workers`` Ray Train workers with ZeRO, for bases
+    that do not fit one GPU (70B) or GPUs too small for the base (an 8B on 24 GB cards)."""
+    deepspeed: "DeepSpeedConfig" = field(default_factory=lambda: DeepSpeedConfig())
 
 
 @dataclass
@@ -240,7 +263,7 @@ class RayConfig:
 
 @dataclass
 class BenchConfig:
-    """Benchmarks (``mta-ray bench throughput|scalability|pipeline``)."""
+    """Benchmarks (``mta-ray bench throughput|scalability|pipeline|memory``)."""
 
     shape: str = "llama3-8b"
     """Model: a named random-weight shape (``llama3-8b``, ``tiny``) or ``real`` (``model.base``)."""
@@ -260,6 +283,8 @@ class BenchConfig:
     memory_budget_gib: float = 44.0
     """Peak GPU memory allowed for the single-48-GB-GPU configuration."""
     scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])
+    memory_users: list[int] = field(default_factory=lambda: [500, 5000])
+    """``bench memory``: user counts whose stages' peak driver memory is compared."""
     gpu_counts: list[int] = field(default_factory=lambda: [1, 2])
     """``bench pipeline``: personalize throughput on each of these numbers of GPUs (those the cluster has)."""
 

@@ -12,10 +12,11 @@ Every problem is an :class:`InputError` naming the file and the user.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,15 +180,34 @@ def read_lamp(path: Path, outputs_path: str, task: Task, max_users: int = 0) -> 
     return _finish(list(by_user.values()), where_q, task, max_users)
 
 
-def read_users(cfg: DataConfig) -> list[dict]:
-    """Users of the configured source as plain dicts (user_id, task, history, queries)."""
+def _task(cfg: DataConfig) -> Task:
     try:
-        task = get_task(cfg.task)
+        return get_task(cfg.task)
     except KeyError as exc:
         raise InputError("data.task", str(exc.args[0])) from None
+
+
+def iter_users(cfg: DataConfig) -> Iterator[dict]:
+    """Users of the configured source one at a time: synthetic users are generated as they are written
+    (any number, flat memory); LaMP/processed JSON is one document, parsed (and validated) whole first."""
+    if cfg.format != "synthetic":
+        yield from read_users(cfg)
+        return
+    from .synthetic import generate_users
+
+    task = _task(cfg)
+    n = cfg.synthetic.num_users if not cfg.max_users else min(cfg.max_users, cfg.synthetic.num_users)
+    for u in itertools.islice(generate_users(cfg.synthetic, task), n):  # ids are unique by construction
+        u["task"] = task.name
+        yield u
+
+
+def read_users(cfg: DataConfig) -> list[dict]:
+    """Users of the configured source as plain dicts (user_id, task, history, queries)."""
+    task = _task(cfg)
     if cfg.format == "synthetic":
         from .synthetic import generate_users
-        return _finish(generate_users(cfg.synthetic, task), "data.synthetic", task, cfg.max_users)
+        return _finish(list(generate_users(cfg.synthetic, task)), "data.synthetic", task, cfg.max_users)
     if not cfg.path:
         raise InputError("data.path", f"required for data.format={cfg.format}")
     path = Path(cfg.path)
@@ -196,16 +216,41 @@ def read_users(cfg: DataConfig) -> list[dict]:
     return read_lamp(path, cfg.outputs_path, task, cfg.max_users)
 
 
-def write_users(users: Iterable[dict], path: str | Path, metadata: dict | None = None) -> int:
-    """Write the users table atomically; returns the number of rows."""
-    table = pa.Table.from_pylist(list(users), schema=USERS_SCHEMA.with_metadata(metadata or {}))
+def write_users(users: Iterable[dict], path: str | Path, metadata: dict | None = None,
+                batch_rows: int = 4096) -> int:
+    """Write the users table atomically, ``batch_rows`` users per row group (streamed); returns the rows."""
+    schema = USERS_SCHEMA.with_metadata(metadata or {})
+    rows = 0
+    users = iter(users)
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return table.num_rows
+        with pq.ParquetWriter(tmp, schema) as writer:
+            while batch := list(itertools.islice(users, batch_rows)):
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                rows += len(batch)
+    return rows
 
 
 def load_users(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The whole users table (small tables: studies, evaluation); stages stream with :func:`iter_user_rows`."""
     path = Path(path)
     if not path.is_file():
         raise InputError(str(path), "users table not found (run `mta-ray prepare` first)")
     return pq.read_table(path, columns=columns)
+
+
+def iter_user_rows(path: str | Path, columns: list[str], batch_rows: int = 1024) -> Iterator[dict]:
+    """Rows of a parquet file (or folder of parts, in name order) one at a time, ``batch_rows`` in memory."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(str(path), "not found (run the stage that writes it first)")
+    files = sorted(f for f in path.glob("*.parquet")) if path.is_dir() else [path]
+    for f in files:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
+            yield from batch.to_pylist()
+
+
+def count_rows(path: str | Path) -> int:
+    """Rows of a parquet file or folder from the footers alone."""
+    path = Path(path)
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)

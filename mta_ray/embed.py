@@ -62,8 +62,43 @@ class EmbedUsers:
         })
 
 
+EMBED_FORMAT = "one-part-in-users-order"
+"""Layout of ``embeddings.parquet/``: row i is the user of row i of ``users.parquet`` (stages stream both
+side by side). Part of the settings hash, so folders of an older layout are rebuilt."""
+
+
 def embed_hash(cfg: Config) -> str:
-    return section_hash(cfg, "data", "embed")
+    return f"{section_hash(cfg, 'data', 'embed')}:{EMBED_FORMAT}"
+
+
+@contextlib.contextmanager
+def _ordered_execution() -> Iterator[None]:
+    """Ray Data keeps input order for datasets built inside the block (output row i = input row i)."""
+    from ray.data import DataContext
+
+    options = DataContext.get_current().execution_options
+    previous, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = previous
+
+
+def _write_in_order(ds, path: Path) -> int:
+    """Stream the dataset's blocks, in order, into one parquet file (the driver holds one block at a time)."""
+    import pyarrow.parquet as pq
+
+    writer, rows = None, 0
+    try:
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if writer is None:
+                writer = pq.ParquetWriter(path, block.schema)
+            writer.write_table(block)
+            rows += block.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
 
 def _is_current(out: Path, cfg: Config) -> bool:
@@ -89,11 +124,11 @@ def run_embed(cfg: Config, out: Path) -> dict:
         return {"skipped": True, "path": str(target)}
     init_ray(cfg)
     t0 = time.time()
-    ds = _embedded(cfg, ray.data.read_parquet(str(out / USERS_FILE)).select_columns(["user_id", "history"]))
-    with _publish(out, cfg) as tmp:
-        ds.write_parquet(str(tmp))
+    with _ordered_execution(), _publish(out, cfg) as tmp:
+        ds = _embedded(cfg, ray.data.read_parquet(str(out / USERS_FILE)).select_columns(["user_id", "history"]))
+        rows = _write_in_order(ds, tmp / "part-00000.parquet")
     save_resolved(cfg, out, "embed")
-    return {"skipped": False, "path": str(target), "seconds": round(time.time() - t0, 1)}
+    return {"skipped": False, "path": str(target), "users": rows, "seconds": round(time.time() - t0, 1)}
 
 
 def _embedded(cfg: Config, ds):
@@ -126,8 +161,9 @@ def run_embed_many(cfg: Config, outs: list[Path]) -> dict:
     for i, o in enumerate(todo):  # small folders: read here, tag each row with its folder
         t = pq.read_table(o / USERS_FILE, columns=["user_id", "history"])
         parts.append(t.append_column("path", pa.array([str(i)] * t.num_rows)))
-    ds = ray.data.from_arrow(parts)
-    table = pa.concat_tables([ray.get(ref) for ref in _embedded(cfg, ds).to_arrow_refs()])
+    with _ordered_execution():
+        ds = ray.data.from_arrow(parts)
+        table = pa.concat_tables([ray.get(ref) for ref in _embedded(cfg, ds).to_arrow_refs()])
     for i, out in enumerate(todo):
         rows = table.filter(pc.equal(table.column("path"), str(i))).drop_columns(["path"])
         with _publish(out, cfg) as tmp:
@@ -136,6 +172,7 @@ def run_embed_many(cfg: Config, outs: list[Path]) -> dict:
 
 
 def load_embeddings(out: Path) -> pa.Table:
+    """The whole embeddings table (clustering small user sets, evaluation); stages stream it instead."""
     import pyarrow.parquet as pq
 
     path = out / EMBEDDINGS

@@ -10,6 +10,7 @@ without the weights (its answers are noise).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -67,8 +68,9 @@ def random_shape(ref: str) -> str | None:
     return name
 
 
-def random_model(shape: str, dtype: Any, device: str, seed: int = 0, min_vocab: int = 0) -> Any:
-    """A frozen, randomly initialised model of a named shape, built directly on ``device`` in ``dtype``.
+def random_model(shape: str, dtype: Any, device: str | None, seed: int = 0, min_vocab: int = 0) -> Any:
+    """A frozen, randomly initialised model of a named shape, built directly on ``device`` in ``dtype``
+    (``None``: wherever the caller's context puts it, e.g. DeepSpeed's sharded ``zero.Init``).
 
     Seeded, so every worker builds the same weights; the vocabulary grows to ``min_vocab`` when a
     tokenizer has more tokens than the shape (only the ``tiny`` test shape).
@@ -82,7 +84,7 @@ def random_model(shape: str, dtype: Any, device: str, seed: int = 0, min_vocab: 
     torch.manual_seed(seed)
     torch.set_default_dtype(dtype)
     try:
-        with torch.device(device):
+        with torch.device(device) if device else contextlib.nullcontext():
             model = LlamaForCausalLM(LlamaConfig(**arch))
     finally:
         torch.set_default_dtype(prev)

@@ -15,17 +15,19 @@ Run: ``mta-ray personalize configs/demo.yaml --out runs/demo`` (after ``bank``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
 from .adaptive import merge_weights, top_k_anchors
 from .bank import BANK_DIR, read_manifest
 from .config import Config, save_resolved
-from .data import load_users
-from .embed import load_embeddings
+from .data import count_rows, iter_user_rows
+from .embed import EMBEDDINGS, load_embeddings
 from .errors import InputError
 from .prepare import USERS_FILE
 from .store import AdapterStore
@@ -64,14 +66,45 @@ def chunk_size(n_users: int, slots: int, workers: int) -> int:
     return max(1, math.ceil(n_users / chunks))
 
 
+def iter_pending(cfg: Config, out: Path, kind: str, done: set[str], bank_dir: Path) -> Iterator[dict]:
+    """Users not yet stored, in users-table order, each with its top-K anchors and merge weights (MTA).
+
+    Streams ``users.parquet`` and ``embeddings.parquet`` side by side (row i of both is the same user,
+    as ``embed`` writes it): the driver holds a batch of each, never the tables.
+    """
+    rows = iter_user_rows(out / USERS_FILE, ["user_id", "history"])
+    if kind != "mta":
+        for u in rows:
+            if u["user_id"] not in done:
+                yield {**u, "anchors": [], "weights": []}
+        return
+    anchors = read_manifest(out, bank_dir)["anchors"]
+    if not anchors:
+        raise InputError(str(bank_dir), "the bank is empty (run `mta-ray bank` first)")
+    ids = [a["anchor_id"] for a in anchors]
+    mat = np.array([a["retrieval_emb"] for a in anchors], dtype=np.float32)
+    embeddings = iter_user_rows(out / EMBEDDINGS, ["user_id", "retrieval_emb"])
+    for u, e in itertools.zip_longest(rows, embeddings):
+        if u is None or e is None or u["user_id"] != e["user_id"]:
+            raise InputError(str(out / EMBEDDINGS), "rows do not match users.parquet (written by an older "
+                                                    "version or for other users): rerun `mta-ray embed`")
+        if u["user_id"] in done:
+            continue
+        idx, sims = top_k_anchors(np.asarray(e["retrieval_emb"], dtype=np.float32), mat, cfg.merge.top_k)
+        yield {**u, "anchors": [ids[i] for i in idx],
+               "weights": merge_weights(sims, cfg.merge.min_similarity, cfg.merge.fixed_alpha)}
+
+
 def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | None = None,
                     label: str | None = None, bank_dir: Path | None = None) -> dict:
     """Train ``kind`` adapters for every user not yet stored in ``adapters/<label or kind>``.
 
     ``workers``: an existing pool to reuse (studies); by default a pool is started and stopped here.
-    ``bank_dir``: the bank to merge from (default ``<out>/bank``).
+    ``bank_dir``: the bank to merge from (default ``<out>/bank``). Users stream from the users table
+    in chunks; each worker has two chunks queued (it never waits for the driver to take its results),
+    and the driver holds at most those chunks, never the whole table.
     """
-    from ray.util import ActorPool
+    import ray
 
     from .workers import worker_pool
 
@@ -79,30 +112,37 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     bank_dir = bank_dir or out / BANK_DIR
     store = AdapterStore(store_dir(out, label or kind), cfg.adapt.shard_users)
     done = store.stored_users()
-    users = [u for u in load_users(out / USERS_FILE, ["user_id", "history"]).to_pylist()
-             if u["user_id"] not in done]
-    if not users:
+    pending = iter_pending(cfg, out, kind, done, bank_dir)
+    first = next(pending, None)
+    if first is None:
         return {"kind": kind, "trained": 0, "stored": len(done), "skipped": True}
-    plan = retrieval_plan(cfg, out, [u["user_id"] for u in users], bank_dir) if kind == "mta" else {}
-    for u in users:
-        u["anchors"], u["weights"] = plan.get(u["user_id"], ([], []))
-    by_id = {u["user_id"]: u for u in users}
+    expected = max(1, count_rows(out / USERS_FILE) - len(done))  # for chunk sizes and the ETA
+    pending = itertools.chain([first], pending)
     finished = failed = 0
-    train = (lambda w, c: w.train.remote(kind, c, cfg, str(bank_dir) if kind == "mta" else None))
+    bank = str(bank_dir) if kind == "mta" else None
     with worker_pool(cfg, None, workers) as pool:
-        chunk = chunk_size(len(users), cfg.adapt.slots, len(pool))
-        chunks = [users[i:i + chunk] for i in range(0, len(users), chunk)]
+        size = chunk_size(expected, cfg.adapt.slots, len(pool))
+        free = [w for w in pool for _ in range(2)]
+        in_flight: dict[Any, tuple[Any, dict[str, dict]]] = {}
         try:
-            for results in ActorPool(pool).map_unordered(train, chunks):
-                for r in results:
+            while True:
+                while free and (chunk := list(itertools.islice(pending, size))):
+                    w = free.pop(0)
+                    in_flight[w.train.remote(kind, chunk, cfg, bank)] = (w, {u["user_id"]: u for u in chunk})
+                if not in_flight:
+                    break
+                (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+                w, by_id = in_flight.pop(ref)
+                for r in ray.get(ref):
                     u = by_id[r["user_id"]]
                     store.add(r["user_id"], r["lora"], u["anchors"], u["weights"], r["steps"], r["final_loss"],
                               r["status"], r["error"])
                     finished += 1
                     failed += r["status"] != "ok"
+                free.append(w)
                 rate = finished / max(1e-9, time.time() - t0)
-                eta = (len(users) - finished) / max(rate, 1e-9)
-                print(f"personalize[{kind}]: {finished}/{len(users)} users, {rate:.2f} users/s, ETA {eta:.0f}s"
+                eta = max(0, expected - finished) / max(rate, 1e-9)
+                print(f"personalize[{kind}]: {finished}/{expected} users, {rate:.2f} users/s, ETA {eta:.0f}s"
                       + (f", {failed} failed" if failed else ""), flush=True)
         finally:
             store.flush()

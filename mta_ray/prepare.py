@@ -5,13 +5,15 @@ Run: ``mta-ray prepare configs/lamp/lamp2.yaml data.format=processed data.path=F
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from .config import Config, save_resolved, section_hash
-from .data import read_users, write_users
+from .errors import InputError
+from .data import iter_users, write_users
 from .fsutil import atomic_write_text
 from .synthetic import persona_table
 
@@ -41,17 +43,27 @@ def run_prepare(cfg: Config, out: Path, force: bool = False) -> dict:
     if not force and is_current(out, cfg):
         table = pq.read_table(path, columns=["user_id"])
         return {"users": table.num_rows, "path": str(path), "skipped": True}
-    users = read_users(cfg.data)
+    counts = {"users": 0, "history_items": 0, "queries": 0}
+
+    def counted(users):
+        for u in users:
+            counts["users"] += 1
+            counts["history_items"] += len(u["history"])
+            counts["queries"] += len(u["queries"])
+            yield u
+
+    users = iter_users(cfg.data)
+    first = next(users, None)  # reads and validates the source before anything is written
+    if first is None:
+        raise InputError(str(cfg.data.path or "data.synthetic"), "no users")
     out.mkdir(parents=True, exist_ok=True)
-    write_users(users, path, metadata={HASH_KEY: data_hash(cfg).encode()})
+    write_users(counted(itertools.chain([first], users)), path, metadata={HASH_KEY: data_hash(cfg).encode()})
     save_resolved(cfg, out, "prepare")
     if cfg.data.format == "synthetic":
         personas = persona_table(cfg.data.synthetic.num_personas, cfg.data.synthetic.seed)
         atomic_write_text(out / "personas.json", json.dumps(personas, indent=1))
     return {
-        "users": len(users),
-        "history_items": sum(len(u["history"]) for u in users),
-        "queries": sum(len(u["queries"]) for u in users),
+        **counts,
         "task": cfg.data.task,
         "path": str(path),
         "skipped": False,

@@ -30,7 +30,7 @@ Seeded and deterministic: the same config always yields the same users.
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Iterator
 
 from .config import SyntheticConfig
 from .tasks import Task
@@ -123,13 +123,16 @@ def _query_input(task: Task, text: str) -> str:
     return f"Generate a title for the following abstract of a paper: {text}"
 
 
-def generate_users(cfg: SyntheticConfig, task: Task) -> list[dict[str, Any]]:
-    """Users in the processed form (user_id, persona, history, queries)."""
+def generate_users(cfg: SyntheticConfig, task: Task) -> Iterator[dict[str, Any]]:
+    """Users in the processed form (user_id, persona, history, queries), generated one at a time."""
     if task.name not in ("lamp2", "lamp4", "lamp5"):
         raise ValueError(f"the synthetic benchmark has lamp2 (tagging) and lamp4/lamp5 (titles), not {task.name}")
+    return _generate(cfg, task)
+
+
+def _generate(cfg: SyntheticConfig, task: Task) -> Iterator[dict[str, Any]]:
     rng = random.Random(f"users-{cfg.seed}")
     personas = persona_table(cfg.num_personas, cfg.seed)
-    users = []
     for i in range(cfg.num_users):
         persona = personas[i % cfg.num_personas]
         active = i // cfg.num_personas < cfg.active_users_per_persona
@@ -147,6 +150,4 @@ def generate_users(cfg: SyntheticConfig, task: Task) -> list[dict[str, Any]]:
             topic = unseen[q % len(unseen)]
             x, y = _item(task, topic, persona["answer"][topic], rng)
             queries.append({"id": f"{i}-q{q}", "input": _query_input(task, x), "gold": y})
-        users.append({"user_id": f"synth-{i:05d}", "persona": persona["persona"],
-                      "history": history, "queries": queries})
-    return users
+        yield {"user_id": f"synth-{i:05d}", "persona": persona["persona"], "history": history, "queries": queries}

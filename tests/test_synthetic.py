@@ -18,15 +18,15 @@ def _topic_of(text: str) -> str:
 @pytest.mark.parametrize("task", ["lamp2", "lamp4"])
 def test_deterministic_and_seeded(task):
     cfg = SyntheticConfig(num_users=12, seed=3)
-    a = generate_users(cfg, get_task(task))
-    assert a == generate_users(cfg, get_task(task))
-    assert a != generate_users(SyntheticConfig(num_users=12, seed=4), get_task(task))
+    a = list(generate_users(cfg, get_task(task)))
+    assert a == list(generate_users(cfg, get_task(task)))
+    assert a != list(generate_users(SyntheticConfig(num_users=12, seed=4), get_task(task)))
 
 
 def test_queries_need_the_persona_not_the_users_own_items():
     cfg = SyntheticConfig(num_users=40, num_personas=4)
     task = get_task("lamp2")
-    users = generate_users(cfg, task)
+    users = list(generate_users(cfg, task))
     personas = persona_table(cfg.num_personas, cfg.seed)
     answer_by_persona_topic = defaultdict(set)
     for u in users:
@@ -63,13 +63,13 @@ def test_personas_have_own_topics_and_non_obvious_answers():
 
 def test_active_users_are_the_longest_histories():
     cfg = SyntheticConfig(num_users=20, num_personas=4, active_users_per_persona=1, active_items=16)
-    users = generate_users(cfg, get_task("lamp2"))
+    users = list(generate_users(cfg, get_task("lamp2")))
     longest = sorted(users, key=lambda u: -len(u["history"]))[:4]
     assert sorted(u["persona"] for u in longest) == [0, 1, 2, 3]
 
 
 def test_generation_task_titles_follow_persona_styles():
-    users = generate_users(SyntheticConfig(num_users=8), get_task("lamp4"))
+    users = list(generate_users(SyntheticConfig(num_users=8), get_task("lamp4")))
     q = users[5]["queries"][0]
     assert q["input"].startswith("Generate a headline for the following article: ")
     assert any(marker in q["gold"] for marker in (": what you need to know", "Why ", "Breaking news"))
