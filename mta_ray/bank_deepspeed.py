@@ -82,20 +82,6 @@ def _micro_batches(n: int, batch: int, world: int, rank: int, seed: int, epoch: 
     return [mine[i:i + batch] for i in range(0, len(mine), batch)]
 
 
-def _pad(examples: list, pad_id: int, device: str) -> dict[str, Any]:
-    import torch
-
-    T = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(examples), T), dtype=torch.long)
-    lab = torch.full((len(examples), T), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        att[i, :len(e.input_ids)] = 1
-        lab[i, :len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": ids.to(device), "attention_mask": att.to(device), "labels": lab.to(device)}
-
-
 def _lora_of(peft_model: Any, scale: float, stage: int) -> dict[str, Any]:
     """The trained factors in our form (module path -> A, B with the scaling folded in), on the CPU."""
     import deepspeed
@@ -125,7 +111,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from .encoding import user_examples
     from .lora import save_peft
     from .tasks import get_task
-    from .trainer import lr_multiplier, user_seed
+    from .trainer import lr_multiplier, pad_examples, user_seed
 
     cfg: Config = build(Config, config["cfg"], "<bank.deepspeed>")
     ctx = ray.train.get_context()
@@ -160,7 +146,8 @@ def train_loop(config: dict[str, Any]) -> None:
             for i, idx in enumerate(micro):
                 for group in engine.optimizer.param_groups:
                     group["lr"] = b.lr * lr_multiplier(step, max(total, 1), b)
-                loss = engine(**_pad([examples[j] for j in idx], tok.pad_token_id, device)).loss
+                ids, att, lab = pad_examples([examples[j] for j in idx], tok.pad_token_id, device)
+                loss = engine(input_ids=ids, attention_mask=att, labels=lab).loss
                 engine.backward(loss)
                 engine.step()
                 window_loss += float(loss.detach()) / b.grad_accum

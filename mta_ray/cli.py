@@ -132,7 +132,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
                     "merge-then-adapt every user (or train a baseline's adapters)"),
     "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
-    "bench": (_cmd_bench, "throughput / scalability / pipeline benchmarks"),
+    "bench": (_cmd_bench, "throughput / scalability / pipeline / memory benchmarks"),
     "export": (_cmd_export, "write one user's model as a PEFT adapter"),
     "study": (_cmd_study, "real-data study: cross-banking, validation-chosen settings, baselines, ablations"),
 }

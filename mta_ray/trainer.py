@@ -78,6 +78,20 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def pad_examples(examples: list[Example], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) padded on the right to the longest example: real tokens keep
+    their positions, padding is masked and ignored by the loss."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(examples), T), dtype=torch.long)
+    lab = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for n, e in enumerate(examples):
+        ids[n, :len(e.input_ids)] = torch.tensor(e.input_ids)
+        att[n, :len(e.input_ids)] = 1
+        lab[n, :len(e.labels)] = torch.tensor(e.labels)
+    return ids.to(device), att.to(device), lab.to(device)
+
+
 def plan_windows(n: int, cfg: LoraTrainConfig, seed: int) -> list[list[list[int]]]:
     """Optimizer steps as windows of micro-batches of example indices, all epochs.
 
@@ -248,7 +262,7 @@ class MultiSlotTrainer:
                 examples.append(st.job.examples[i])
                 rows.append(s)
                 weights.append(1.0 / max(1, st.window_tokens[st.step]))
-        input_ids, attention, labels = self._pad(examples)
+        input_ids, attention, labels = pad_examples(examples, self.pad_id, self.device)
         rows_t = torch.tensor(rows, device=self.device)
         self.router.rows = rows_t
         if bool(attention.all()):
@@ -268,17 +282,6 @@ class MultiSlotTrainer:
         per_slot = torch.zeros(self.slots, device=self.device).index_add_(0, slot_of_token, weighted.detach())
         per_slot = per_slot.tolist()
         return {s: per_slot[s] for s in busy}
-
-    def _pad(self, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        T = max(len(e.input_ids) for e in examples)
-        ids = torch.full((len(examples), T), self.pad_id, dtype=torch.long)
-        att = torch.zeros((len(examples), T), dtype=torch.long)
-        lab = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-        for n, e in enumerate(examples):  # right padding: real tokens keep their positions
-            ids[n, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            att[n, :len(e.input_ids)] = 1
-            lab[n, :len(e.labels)] = torch.tensor(e.labels)
-        return ids.to(self.device), att.to(self.device), lab.to(self.device)
 
     # ------------------------------------------------------------------ per-slot AdamW
     @torch.no_grad()
