@@ -237,11 +237,15 @@ class EvalConfig:
     batch_size: int = 16
     bootstrap: int = 1000
     """Bootstrap resamples over users for the 95% intervals."""
+    users_per_batch: int = 2048
+    """Users read, prompted and answered together (the driver holds one batch of histories at a time)."""
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+        if self.users_per_batch < 1:
+            raise ValueError("users_per_batch must be at least 1")
 
 
 @dataclass

@@ -13,6 +13,7 @@ Run: ``mta-ray evaluate configs/demo.yaml --out runs/demo`` (after ``personalize
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -21,11 +22,9 @@ from typing import Any
 import numpy as np
 
 from .config import Config, save_resolved, to_dict
-from .data import load_users
 from .fsutil import atomic_write_text
 from .metrics import HIGHER_IS_BETTER, score
-from .personalize import KINDS, retrieval_plan, store_dir
-from .prepare import USERS_FILE
+from .personalize import KINDS, store_dir
 from .store import AdapterStore
 from .tasks import get_task
 
@@ -38,11 +37,12 @@ def required_kinds(cfg: Config) -> list[str]:
 
 
 def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict,
-              label: str | None = None) -> list[dict[str, Any]]:
+              label: str | None = None, rows: dict | None = None) -> list[dict[str, Any]]:
     task = get_task(cfg.data.task)
     k = RAG_K.get(method, cfg.data.history_k)
     store = store_dir(out, label or method)
-    rows = AdapterStore(store).rows_by_user() if method in KINDS else {}
+    if rows is None:
+        rows = AdapterStore(store).rows_by_user() if method in KINDS else {}
     reqs = []
     for ui, u in enumerate(users):
         for q in u["queries"]:
@@ -59,15 +59,17 @@ def _requests(cfg: Config, out: Path, method: str, users: list[dict], plan: dict
 
 
 def predict(cfg: Config, out: Path, method: str, users: list[dict], plan: dict, workers: list,
-            label: str | None = None, bank_dir: Path | None = None) -> tuple[list[dict], list[str]]:
+            label: str | None = None, bank_dir: Path | None = None,
+            rows: dict | None = None) -> tuple[list[dict], list[str]]:
     """Requests (one per query, in user order) and the workers' raw answers for one method.
 
     ``label``: the adapter store of a study variant (default: the method's own); ``bank_dir``: the
-    bank that merged methods draw anchors from (default: the workers').
+    bank that merged methods draw anchors from (default: the workers'); ``rows``: the store's index
+    rows by user, when the caller already read them (batched evaluation).
     """
     import ray
 
-    reqs = _requests(cfg, out, method, users, plan, label)
+    reqs = _requests(cfg, out, method, users, plan, label, rows)
     targets = (cfg.oppu.target_modules if method == "oppu"
                else sorted(set(cfg.adapt.target_modules) | set(cfg.bank.target_modules)))
     shares = [reqs[i::len(workers)] for i in range(len(workers))]
@@ -97,31 +99,49 @@ def bootstrap(task, users_of: np.ndarray, preds: list[str], golds: list[str], n_
 
 
 def run_evaluate(cfg: Config, out: Path, timing: dict | None = None, workers: list | None = None) -> dict:
-    """Every method of ``eval.methods`` on every user's queries; ``workers``: an existing pool to use."""
+    """Every method of ``eval.methods`` on every user's queries; ``workers``: an existing pool to use.
+
+    Users stream from the users table in batches of ``eval.users_per_batch`` (with their anchors, from
+    the embeddings beside it); what is kept for the metrics is each query's answer and gold.
+    """
+    from .bank import BANK_DIR
+    from .personalize import iter_pending
     from .workers import worker_pool
 
     t0 = time.time()
     task = get_task(cfg.data.task)
-    users = [u for u in load_users(out / USERS_FILE, ["user_id", "history", "queries"]).to_pylist() if u["queries"]]
-    plan = retrieval_plan(cfg, out, [u["user_id"] for u in users])
+    per_method: dict[str, tuple[list[str], list[str], list[int]]] = {m: ([], [], []) for m in cfg.eval.methods}
+    examples: dict[str, list[dict]] = {}
+    index = {m: AdapterStore(store_dir(out, m)).rows_by_user() for m in cfg.eval.methods if m in KINDS}
+    users = (u for u in iter_pending(cfg, out, "mta", set(), out / BANK_DIR, ("user_id", "history", "queries"))
+             if u["queries"])
+    n_users = 0
+    with worker_pool(cfg, out / BANK_DIR, workers) as workers:
+        while batch := list(itertools.islice(users, cfg.eval.users_per_batch)):
+            plan = {u["user_id"]: (u["anchors"], u["weights"]) for u in batch}
+            for method in cfg.eval.methods:
+                reqs, texts = predict(cfg, out, method, batch, plan, workers, rows=index.get(method))
+                preds, golds, users_of = per_method[method]
+                preds += [task.parse_output(t) for t in texts]
+                golds += [r["gold"] for r in reqs]
+                users_of += [n_users + r["user"] for r in reqs]
+                examples.setdefault(method, [{"prompt_tail": r["prompt"][-160:], "output": t, "gold": r["gold"]}
+                                             for r, t in zip(reqs[:3], texts[:3])])
+            n_users += len(batch)
+            print(f"evaluate: {n_users} users, {len(per_method[cfg.eval.methods[0]][0])} queries "
+                  f"x {len(cfg.eval.methods)} methods, {time.time() - t0:.0f}s", flush=True)
     results: dict[str, dict] = {}
-    per_method: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
-    with worker_pool(cfg, out / "bank", workers) as workers:
-        for method in cfg.eval.methods:
-            reqs, texts = predict(cfg, out, method, users, plan, workers)
-            preds = [task.parse_output(t) for t in texts]
-            golds = [r["gold"] for r in reqs]
-            users_of = np.array([r["user"] for r in reqs])
-            per_method[method] = (preds, golds, users_of)
-            draws = bootstrap(task, users_of, preds, golds, len(users), cfg.eval.bootstrap, cfg.seed)
-            results[method] = {"metrics": score(task, preds, golds), "n": len(reqs),
-                               "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
-                                        for k, v in draws.items()},
-                               "examples": [{"prompt_tail": reqs[i]["prompt"][-160:], "output": texts[i],
-                                             "gold": golds[i]} for i in range(min(3, len(reqs)))]}
-            print(f"evaluate: {method}: {results[method]['metrics']}", flush=True)
+    arrays: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
+    for method, (preds, golds, users_of) in per_method.items():
+        arrays[method] = (preds, golds, np.array(users_of))
+        draws = bootstrap(task, arrays[method][2], preds, golds, n_users, cfg.eval.bootstrap, cfg.seed)
+        results[method] = {"metrics": score(task, preds, golds), "n": len(preds),
+                           "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
+                                    for k, v in draws.items()},
+                           "examples": examples.get(method, [])}
+        print(f"evaluate: {method}: {results[method]['metrics']}", flush=True)
     report = {"task": task.name, "config": to_dict(cfg), "methods": results,
-              "comparisons": _comparisons(task, per_method, len(users), cfg),
+              "comparisons": _comparisons(task, arrays, n_users, cfg),
               "timing": {**(timing or {}), "evaluate_s": round(time.time() - t0, 1)},
               "storage": storage(out)}
     report["verdict"] = _verdict(report)

@@ -66,13 +66,14 @@ def chunk_size(n_users: int, slots: int, workers: int) -> int:
     return max(1, math.ceil(n_users / chunks))
 
 
-def iter_pending(cfg: Config, out: Path, kind: str, done: set[str], bank_dir: Path) -> Iterator[dict]:
+def iter_pending(cfg: Config, out: Path, kind: str, done: set[str], bank_dir: Path,
+                 columns: tuple[str, ...] = ("user_id", "history")) -> Iterator[dict]:
     """Users not yet stored, in users-table order, each with its top-K anchors and merge weights (MTA).
 
-    Streams ``users.parquet`` and ``embeddings.parquet`` side by side (row i of both is the same user,
-    as ``embed`` writes it): the driver holds a batch of each, never the tables.
+    Streams ``users.parquet`` (``columns``) and ``embeddings.parquet`` side by side (row i of both is the
+    same user, as ``embed`` writes it): the driver holds a batch of each, never the tables.
     """
-    rows = iter_user_rows(out / USERS_FILE, ["user_id", "history"])
+    rows = iter_user_rows(out / USERS_FILE, list(columns))
     if kind != "mta":
         for u in rows:
             if u["user_id"] not in done:

@@ -52,6 +52,21 @@ def test_run_produces_a_report_with_every_method(run_dir):
         assert (run_dir / f"{stage}.config.yaml").is_file()
 
 
+def test_evaluation_in_user_batches_gives_the_same_report(run_dir, tiny_model_dir, tmp_path):
+    """Users stream through evaluate in batches; 3 users per batch answers every query as one batch of 8 did."""
+    whole = json.loads((run_dir / "report.json").read_text())
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert main(["evaluate", DEMO, "--out", str(copy), f"model.base={tiny_model_dir}", *SMALL,
+                 "eval.users_per_batch=3"]) == 0
+    batched = json.loads((copy / "report.json").read_text())
+    for method, m in whole["methods"].items():
+        assert batched["methods"][method]["n"] == m["n"]
+        assert batched["methods"][method]["metrics"] == pytest.approx(m["metrics"])
+        assert [e["gold"] for e in batched["methods"][method]["examples"]] == [e["gold"] for e in m["examples"]]
+    assert batched["comparisons"].keys() == whole["comparisons"].keys()
+
+
 def test_rerun_skips_finished_work(run_dir, tiny_model_dir, capsys):
     assert main(["personalize", DEMO, "--out", str(run_dir), f"model.base={tiny_model_dir}", *SMALL]) == 0
     assert "'skipped': True" in capsys.readouterr().out
