@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .config import Config, save_resolved, section_hash
+from .data import rows_of_users
 from .embed import EMBEDDINGS
-from .errors import InputError
 from .fsutil import atomic_dir, atomic_write_text
 from .lora import save_peft
 from .prepare import USERS_FILE
@@ -66,9 +66,9 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
         members = {c: [] for c in members}
         for row in clusters.to_pylist():
             members[row["cluster"]].append(row["user_id"])
-    users = _rows_of(out / USERS_FILE, ["user_id", "history"], {u for m in members.values() for u in m})
+    users = rows_of_users(out / USERS_FILE, ["user_id", "history"], {u for m in members.values() for u in m})
     emb = {r["user_id"]: r["retrieval_emb"]
-           for r in _rows_of(out / EMBEDDINGS, ["user_id", "retrieval_emb"], {a["user_id"] for a in todo}).values()}
+           for r in rows_of_users(out / EMBEDDINGS, ["user_id", "retrieval_emb"], {a["user_id"] for a in todo}).values()}
     payload = []
     for a in todo:
         owners = sorted(members[a["cluster"]]) if cfg.bank.anchor_data == "cluster" else [a["user_id"]]
@@ -98,15 +98,6 @@ def run_bank(cfg: Config, out: Path, workers: list | None = None, bank_dir: Path
         atomic_write_text(bank_dir / "manifest.json", json.dumps({"anchors": kept}, indent=1))
     save_resolved(cfg, bank_dir.parent, bank_dir.name)  # <out>/bank.config.yaml beside <out>/bank/
     return {"anchors": len(kept), "trained": len(todo), "skipped": False, "seconds": round(time.time() - t0, 1)}
-
-
-def _rows_of(path: Path, columns: list[str], user_ids: set[str]) -> dict[str, dict]:
-    """The rows of these users only (parquet predicate pushdown: the table is never loaded whole)."""
-    if not path.exists():
-        raise InputError(str(path), "not found (run the stage that writes it first)")
-    wanted = pa.array(sorted(user_ids), pa.string())
-    table = pq.read_table(str(path), columns=columns, filters=pc.field("user_id").isin(wanted))
-    return {r["user_id"]: r for r in table.to_pylist()}
 
 
 def anchor_id(cluster: int) -> str:

@@ -46,17 +46,14 @@ def ds_config(cfg: Config, bf16: bool) -> dict[str, Any]:
     }
 
 
-def _load_base(cfg: Config, ds: dict[str, Any]) -> tuple[Any, Any]:
+def _load_base(cfg: Config, ds: dict[str, Any], dtype: Any) -> tuple[Any, Any]:
     """The base, sharded while it loads under ZeRO-3 (transformers' HfDeepSpeedConfig / zero.Init)."""
     import deepspeed
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from .models import load_tokenizer, model_source, random_model, random_shape, torch_dtype
+    from .models import load_tokenizer, model_source, random_model, random_shape
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch_dtype(cfg.model.dtype, device)
     keep_alive = HfDeepSpeedConfig(ds) if ds["zero_optimization"]["stage"] == 3 else None  # noqa: F841
     tok = load_tokenizer(cfg.model)
     shape = random_shape(cfg.model.base)
@@ -110,6 +107,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from .config import Config, build
     from .encoding import user_examples
     from .lora import save_peft
+    from .models import torch_dtype
     from .tasks import get_task
     from .trainer import lr_multiplier, pad_examples, user_seed
 
@@ -117,11 +115,10 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     b = cfg.bank
-    from .models import torch_dtype
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ds = ds_config(cfg, torch_dtype(cfg.model.dtype, device) == torch.bfloat16)
-    model, tok = _load_base(cfg, ds)
+    dtype = torch_dtype(cfg.model.dtype, device)
+    ds = ds_config(cfg, dtype == torch.bfloat16)
+    model, tok = _load_base(cfg, ds, dtype)
     task = get_task(cfg.data.task)
     staging = Path(config["staging"])
     report: dict[str, dict[str, Any]] = {}

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import Config, LoraTrainConfig, save_resolved
-from .fsutil import atomic_write_text
+from .fsutil import atomic_write_text, slug as _slug
 from .lora import LoraPair, fold_into, merge_delta, scaled
 from .multilora import target_module_names
 from .trainer import Example, Job, MultiSlotTrainer, plan_windows, user_seed
@@ -288,10 +288,6 @@ def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused
         trainer.close()
         if ckpt:
             model.gradient_checkpointing_disable()
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "-" for c in text.lower()).strip("-")[:60]
 
 
 # --------------------------------------------------------------------------- scalability

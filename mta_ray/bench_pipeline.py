@@ -17,31 +17,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import Config, save_resolved, to_dict, with_values
-from .fsutil import atomic_write_text
-from .gpumem import GIB, GpuMemorySampler
-
-
-def gpu_names() -> list[str]:
-    """Names of the machine's GPUs, without initialising CUDA in this process."""
-    if not shutil.which("nvidia-smi"):
-        return []
-    try:
-        text = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+from .fsutil import atomic_write_text, slug
+from .gpumem import GIB, GpuMemorySampler, gpu_names
 
 
 def _gib(values: list[int]) -> list[float]:
@@ -59,7 +42,7 @@ def measure_stages(cfg: Config, work: Path, mem: GpuMemorySampler, record) -> li
 
     from .bank import BANK_DIR
     from .pipeline import MODEL_STAGES, pipeline_stages
-    from .workers import start_workers
+    from .workers import start_workers, stop_workers
 
     rows: list[dict[str, Any]] = []
     timing: dict[str, float] = {}
@@ -84,8 +67,7 @@ def measure_stages(cfg: Config, work: Path, mem: GpuMemorySampler, record) -> li
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 result = {}
             finally:
-                for w in pool or []:
-                    ray.kill(w)
+                stop_workers(pool)
         seconds = time.time() - t0
         timing[f"{name}_s"] = round(seconds, 1)
         peak = mem.peaks[name]
@@ -112,19 +94,15 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
     import ray
 
     from .bank import BANK_DIR
-    from .data import load_users
-    from .personalize import retrieval_plan, run_personalize, store_dir
+    from .personalize import iter_pending, run_personalize, store_dir
     from .pipeline import pipeline_stages
-    from .prepare import USERS_FILE
-    from .workers import start_workers
+    from .workers import start_workers, stop_workers
 
     for name, call in pipeline_stages(cfg, work, {}):
         if name.startswith("personalize"):
             break
         call()
-    first = load_users(work / USERS_FILE, ["user_id", "history"]).slice(0, 1).to_pylist()[0]
-    anchors, weights = retrieval_plan(cfg, work, [first["user_id"]])[first["user_id"]]
-    warm_user = {**first, "user_id": "warm-up", "anchors": anchors, "weights": weights}
+    warm_user = {**next(iter_pending(cfg, work, "mta", set(), work / BANK_DIR)), "user_id": "warm-up"}
     rows: list[dict[str, Any]] = []
     for n in counts:
         mem.wait_idle()
@@ -145,8 +123,7 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
             seconds = time.time() - t0
             memory = ray.get([w.gpu_memory.remote() for w in pool])
         finally:
-            for w in pool:
-                ray.kill(w)
+            stop_workers(pool)
         rate = result["trained"] / seconds
         rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
                      "seconds": round(seconds, 1), "users_per_s": round(rate, 3), "worker_load_s": round(load_s, 1),
@@ -180,7 +157,7 @@ def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: 
     work.mkdir(parents=True, exist_ok=True)
     device = names[0] if names else "cpu"
     shape = cfg.model.base.split(":", 1)[-1] if cfg.model.base.startswith("random:") else Path(cfg.model.base).stem
-    path = results_dir / f"pipeline-{part}-{_slug(shape)}-{_slug(device)}-x{len(names)}.json"
+    path = results_dir / f"pipeline-{part}-{slug(shape)}-{slug(device)}-x{len(names)}.json"
     budget = cfg.bench.memory_budget_gib
     result: dict[str, Any] = {
         "benchmark": "pipeline", "part": part, "device": device, "gpus": names, "model": cfg.model.base,

@@ -15,14 +15,13 @@ Run: ``mta-ray cluster configs/demo.yaml --out runs/demo`` (after ``embed``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .config import Config, save_resolved
-from .data import count_rows
+from .data import count_rows, iter_batches
 from .embed import EMBEDDINGS, load_embeddings
 from .errors import InputError
 from .fsutil import atomic_path
@@ -53,9 +52,8 @@ def pick_anchors(user_ids: list[str], n_items: list[int], labels: np.ndarray, mi
     return anchors
 
 
-def _embedding_batches(out: Path, columns: list[str], rows: int = 16384) -> Iterator[pa.RecordBatch]:
-    for f in sorted((out / EMBEDDINGS).glob("*.parquet")):
-        yield from pq.ParquetFile(f).iter_batches(batch_size=rows, columns=columns)
+BATCH_ROWS = 16384
+"""Embeddings per streamed batch (one batch in memory at a time)."""
 
 
 def _matrix(batch: pa.RecordBatch, column: str) -> np.ndarray:
@@ -73,14 +71,14 @@ def cluster_streaming(cfg: Config, out: Path) -> tuple[list[dict], int, int]:
     from sklearn.cluster import MiniBatchKMeans
 
     model = MiniBatchKMeans(n_clusters=cfg.bank.num_clusters, random_state=cfg.seed, batch_size=4096, n_init=3)
-    for batch in _embedding_batches(out, ["cluster_emb"]):
+    for batch in iter_batches(out / EMBEDDINGS, ["cluster_emb"], BATCH_ROWS):
         model.partial_fit(_matrix(batch, "cluster_emb"))
     best: dict[int, tuple] = {}
     sizes: dict[int, int] = {}
     users = 0
     schema = pa.schema([("user_id", pa.string()), ("cluster", pa.int32())])
     with atomic_path(out / "clusters.parquet") as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for batch in _embedding_batches(out, ["user_id", "n_items", "cluster_emb"]):
+        for batch in iter_batches(out / EMBEDDINGS, ["user_id", "n_items", "cluster_emb"], BATCH_ROWS):
             x = _matrix(batch, "cluster_emb")
             labels = model.predict(x)
             dist = np.linalg.norm(x - model.cluster_centers_[labels], axis=1)

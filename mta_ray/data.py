@@ -238,19 +238,36 @@ def load_users(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 
 
-def iter_user_rows(path: str | Path, columns: list[str], batch_rows: int = 1024) -> Iterator[dict]:
-    """Rows of a parquet file (or folder of parts, in name order) one at a time, ``batch_rows`` in memory."""
+def parquet_parts(path: str | Path) -> list[Path]:
+    """A parquet file, or a folder's part files in name order (the order their rows were written)."""
     path = Path(path)
     if not path.exists():
         raise InputError(str(path), "not found (run the stage that writes it first)")
-    files = sorted(f for f in path.glob("*.parquet")) if path.is_dir() else [path]
-    for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns):
-            yield from batch.to_pylist()
+    return sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+
+
+def iter_batches(path: str | Path, columns: list[str], batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Record batches of a parquet file or folder, ``batch_rows`` rows in memory at a time."""
+    for f in parquet_parts(path):
+        yield from pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def iter_user_rows(path: str | Path, columns: list[str], batch_rows: int = 1024) -> Iterator[dict]:
+    """Rows of a parquet file (or folder of parts, in name order) one at a time, ``batch_rows`` in memory."""
+    for batch in iter_batches(path, columns, batch_rows):
+        yield from batch.to_pylist()
+
+
+def rows_of_users(path: str | Path, columns: list[str], user_ids: set[str]) -> dict[str, dict]:
+    """The rows of these users only, by user id (parquet predicate pushdown: never the whole table)."""
+    import pyarrow.compute as pc
+
+    parquet_parts(path)  # a clear error when missing
+    wanted = pa.array(sorted(user_ids), pa.string())
+    table = pq.read_table(str(path), columns=columns, filters=pc.field("user_id").isin(wanted))
+    return {r["user_id"]: r for r in table.to_pylist()}
 
 
 def count_rows(path: str | Path) -> int:
     """Rows of a parquet file or folder from the footers alone."""
-    path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in parquet_parts(path))

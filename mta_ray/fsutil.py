@@ -45,3 +45,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a device or model name (``NVIDIA H200`` -> ``nvidia-h200``)."""
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text.lower()).strip("-")[:60]

@@ -19,16 +19,26 @@ MIB = 1024 ** 2
 GIB = 1024 ** 3
 
 
-def read_used_bytes() -> list[int]:
-    """Used memory of each GPU in bytes (empty when there is no NVIDIA GPU or no nvidia-smi)."""
+def query_gpus(field: str) -> list[str]:
+    """One ``nvidia-smi --query-gpu`` field per GPU (empty when there is no NVIDIA GPU or no nvidia-smi)."""
     if not shutil.which("nvidia-smi"):
         return []
     try:
-        text = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        text = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"],
                               capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [int(float(line)) * MIB for line in text.split() if line.strip()]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_used_bytes() -> list[int]:
+    """Used memory of each GPU in bytes."""
+    return [int(float(v)) * MIB for v in query_gpus("memory.used")]
+
+
+def gpu_names() -> list[str]:
+    """Names of the machine's GPUs, without initialising CUDA in this process."""
+    return query_gpus("name")
 
 
 class GpuMemorySampler:

@@ -19,7 +19,7 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -40,22 +40,27 @@ def store_dir(out: Path, label: str) -> Path:
     return out / "adapters" / label
 
 
-def retrieval_plan(cfg: Config, out: Path, user_ids: list[str],
-                   bank_dir: Path | None = None) -> dict[str, tuple[list[str], list[float]]]:
-    """Each user's top-K anchors and merge weights (deterministic, recomputed when needed)."""
-    bank_dir = bank_dir or out / BANK_DIR
+def anchor_retriever(cfg: Config, out: Path, bank_dir: Path) -> Callable[[Any], tuple[list[str], list[float]]]:
+    """A user's retrieval embedding -> its top-K anchor ids and merge weights, over the bank's manifest."""
     anchors = read_manifest(out, bank_dir)["anchors"]
     if not anchors:
         raise InputError(str(bank_dir), "the bank is empty (run `mta-ray bank` first)")
     ids = [a["anchor_id"] for a in anchors]
     mat = np.array([a["retrieval_emb"] for a in anchors], dtype=np.float32)
-    emb = {r["user_id"]: np.array(r["retrieval_emb"], dtype=np.float32)
+
+    def retrieve(embedding: Any) -> tuple[list[str], list[float]]:
+        idx, sims = top_k_anchors(np.asarray(embedding, dtype=np.float32), mat, cfg.merge.top_k)
+        return [ids[i] for i in idx], merge_weights(sims, cfg.merge.min_similarity, cfg.merge.fixed_alpha)
+    return retrieve
+
+
+def retrieval_plan(cfg: Config, out: Path, user_ids: list[str],
+                   bank_dir: Path | None = None) -> dict[str, tuple[list[str], list[float]]]:
+    """Each user's top-K anchors and merge weights (deterministic, recomputed when needed)."""
+    retrieve = anchor_retriever(cfg, out, bank_dir or out / BANK_DIR)
+    emb = {r["user_id"]: r["retrieval_emb"]
            for r in load_embeddings(out).select(["user_id", "retrieval_emb"]).to_pylist()}
-    plan = {}
-    for u in user_ids:
-        idx, sims = top_k_anchors(emb[u], mat, cfg.merge.top_k)
-        plan[u] = ([ids[i] for i in idx], merge_weights(sims, cfg.merge.min_similarity, cfg.merge.fixed_alpha))
-    return plan
+    return {u: retrieve(emb[u]) for u in user_ids}
 
 
 def chunk_size(n_users: int, slots: int, workers: int) -> int:
@@ -79,11 +84,7 @@ def iter_pending(cfg: Config, out: Path, kind: str, done: set[str], bank_dir: Pa
             if u["user_id"] not in done:
                 yield {**u, "anchors": [], "weights": []}
         return
-    anchors = read_manifest(out, bank_dir)["anchors"]
-    if not anchors:
-        raise InputError(str(bank_dir), "the bank is empty (run `mta-ray bank` first)")
-    ids = [a["anchor_id"] for a in anchors]
-    mat = np.array([a["retrieval_emb"] for a in anchors], dtype=np.float32)
+    retrieve = anchor_retriever(cfg, out, bank_dir)
     embeddings = iter_user_rows(out / EMBEDDINGS, ["user_id", "retrieval_emb"])
     for u, e in itertools.zip_longest(rows, embeddings):
         if u is None or e is None or u["user_id"] != e["user_id"]:
@@ -91,9 +92,8 @@ def iter_pending(cfg: Config, out: Path, kind: str, done: set[str], bank_dir: Pa
                                                     "version or for other users): rerun `mta-ray embed`")
         if u["user_id"] in done:
             continue
-        idx, sims = top_k_anchors(np.asarray(e["retrieval_emb"], dtype=np.float32), mat, cfg.merge.top_k)
-        yield {**u, "anchors": [ids[i] for i in idx],
-               "weights": merge_weights(sims, cfg.merge.min_similarity, cfg.merge.fixed_alpha)}
+        anchors, weights = retrieve(e["retrieval_emb"])
+        yield {**u, "anchors": anchors, "weights": weights}
 
 
 def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | None = None,

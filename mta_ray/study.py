@@ -195,24 +195,20 @@ class Study:
 
     def pool(self, dtype: str) -> list:
         """The resident-model workers, (re)started when the model's dtype changes."""
-        import ray
-
         from .raysetup import init_ray
         from .workers import start_workers
 
         if self.workers is None or dtype != self.pool_dtype:
-            for w in self.workers or []:
-                ray.kill(w)
+            self.close()
             init_ray(self.cfg)
             self.workers = start_workers(with_values(self.cfg, {"model.dtype": dtype}), None)
             self.pool_dtype = dtype
         return self.workers
 
     def close(self) -> None:
-        import ray
+        from .workers import stop_workers
 
-        for w in self.workers or []:
-            ray.kill(w)
+        stop_workers(self.workers)
         self.workers = None
 
     # ------------------------------------------------------------------ one run

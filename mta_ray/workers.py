@@ -150,8 +150,13 @@ def worker_pool(cfg: Config, bank_dir: Path | None = None, workers: list | None 
     try:
         yield pool
     finally:
-        for w in pool:
-            ray.kill(w)
+        stop_workers(pool)
+
+
+def stop_workers(pool: list[Any] | None) -> None:
+    """Kill a pool's workers (their GPU memory is freed once the processes exit)."""
+    for w in pool or []:
+        ray.kill(w)
 
 
 def start_workers(cfg: Config, bank_dir: Path | None) -> list[Any]:
