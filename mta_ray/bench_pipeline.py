@@ -89,12 +89,15 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
     """Personalize (MTA) the run's users on ``n`` workers for each ``n``: users/s and speed-up over the first.
 
     The stages before personalize run first where ``work`` does not hold them yet (not measured). Each
-    pool is loaded and warmed up (one untimed training call: kernel compilation, bank loading) first.
+    pool is loaded and warmed up first: one untimed call per worker that fills every slot twice (copies
+    of the first user), so kernel compilation for those shapes, the allocator's growth and bank loading
+    stay out of the clock. Each row also gives every worker's busy time (its trainer running) beside the
+    wall time: what is left of the wall is waiting (start, tail, the driver).
     """
     import ray
 
     from .bank import BANK_DIR
-    from .personalize import iter_pending, run_personalize, store_dir
+    from .personalize import iter_pending, queued_users, run_personalize, store_dir
     from .pipeline import pipeline_stages
     from .workers import start_workers, stop_workers
 
@@ -102,32 +105,38 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
         if name.startswith("personalize"):
             break
         call()
-    warm_user = {**next(iter_pending(cfg, work, "mta", set(), work / BANK_DIR)), "user_id": "warm-up"}
+    first_user = next(iter_pending(cfg, work, "mta", set(), work / BANK_DIR))
     rows: list[dict[str, Any]] = []
     for n in counts:
         mem.wait_idle()
         cfg_n = with_values(cfg, {"ray.actors": n}, "bench.gpu_counts")
         label = f"scaling-{n}gpu"
         shutil.rmtree(store_dir(work, label), ignore_errors=True)
+        warm_call = [{**first_user, "user_id": f"warm-up-{i}"} for i in range(queued_users(cfg.adapt.slots))]
         pool = start_workers(cfg_n, work / BANK_DIR)
         try:
             t_load = time.time()
             nodes = ray.get([w.node.remote() for w in pool])
             load_s = time.time() - t_load
-            t_warm = time.time()  # first training call: compiles the fused kernels, loads the bank
-            ray.get([w.train.remote("mta", [warm_user], cfg_n, str(work / BANK_DIR)) for w in pool])
+            t_warm = time.time()
+            ray.get([w.train.remote("mta", warm_call, cfg_n, str(work / BANK_DIR)) for w in pool])
             warm_s = time.time() - t_warm
+            ray.get([w.train_stats.remote() for w in pool])  # forget the warm-up call
             t0 = time.time()
             with mem.phase(label):
                 result = run_personalize(cfg_n, work, "mta", workers=pool, label=label)
             seconds = time.time() - t0
             memory = ray.get([w.gpu_memory.remote() for w in pool])
+            stats = ray.get([w.train_stats.remote() for w in pool])
         finally:
             stop_workers(pool)
         rate = result["trained"] / seconds
+        busy = [{**{k: round(v, 1) if isinstance(v, float) else v for k, v in st.items()},
+                 "busy_fraction": round(st["busy_s"] / seconds, 3)} for st in stats]
         rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
                      "seconds": round(seconds, 1), "users_per_s": round(rate, 3), "worker_load_s": round(load_s, 1),
-                     "warm_up_s": round(warm_s, 1), "peak_gib": _gib(mem.peaks[label]), "worker_memory": memory})
+                     "warm_up_s": round(warm_s, 1), "warm_up_users": len(warm_call), "worker_busy": busy,
+                     "peak_gib": _gib(mem.peaks[label]), "worker_memory": memory})
         rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
         record(rows)
         print(f"bench pipeline: personalize on {n} GPU(s): {rate:.3f} users/s "

@@ -63,12 +63,17 @@ def retrieval_plan(cfg: Config, out: Path, user_ids: list[str],
     return {u: retrieve(emb[u]) for u in user_ids}
 
 
-def chunk_size(n_users: int, slots: int, workers: int) -> int:
-    """Users per worker call: about two slot-fills (refill keeps slots busy), in a number of chunks
-    that divides evenly among the workers (no worker left with the last, lone chunk)."""
-    chunks = math.ceil(n_users / max(1, 2 * slots))
-    chunks = math.ceil(chunks / workers) * workers
-    return max(1, math.ceil(n_users / chunks))
+def chunk_size(remaining: int, slots: int, workers: int) -> int:
+    """Users for the next call: at most one slot-fill, and less near the end (half of each worker's
+    remaining share), so workers run out of users together. Small calls cost no occupancy: a worker's
+    continuous trainer refills its slots across calls."""
+    return max(1, min(slots, math.ceil(remaining / (2 * workers))))
+
+
+def queued_users(slots: int) -> int:
+    """Users a worker holds queued or in training before it is sent more: its slots plus one refill,
+    so its trainer never waits for the driver, and no worker hoards users the others could take."""
+    return 2 * max(1, slots)
 
 
 def iter_pending(cfg: Config, out: Path, kind: str, done: set[str], bank_dir: Path,
@@ -102,8 +107,9 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
 
     ``workers``: an existing pool to reuse (studies); by default a pool is started and stopped here.
     ``bank_dir``: the bank to merge from (default ``<out>/bank``). Users stream from the users table
-    in chunks; each worker has two chunks queued (it never waits for the driver to take its results),
-    and the driver holds at most those chunks, never the whole table.
+    in small calls to the least loaded worker, each worker holding about two slot-fills
+    (:func:`queued_users`; its trainer never waits for the driver); the driver holds at most those
+    users, never the whole table.
     """
     import ray
 
@@ -122,25 +128,32 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     finished = failed = 0
     bank = str(bank_dir) if kind == "mta" else None
     with worker_pool(cfg, None, workers) as pool:
-        size = chunk_size(expected, cfg.adapt.slots, len(pool))
-        free = [w for w in pool for _ in range(2)]
-        in_flight: dict[Any, tuple[Any, dict[str, dict]]] = {}
+        load = [0] * len(pool)  # users sent to each worker and not yet returned
+        queued = queued_users(cfg.adapt.slots)
+        in_flight: dict[Any, tuple[int, dict[str, dict]]] = {}
+        dispatched = 0
         try:
             while True:
-                while free and (chunk := list(itertools.islice(pending, size))):
-                    w = free.pop(0)
-                    in_flight[w.train.remote(kind, chunk, cfg, bank)] = (w, {u["user_id"]: u for u in chunk})
+                while True:  # top up the least loaded worker until every one holds its share
+                    w = min(range(len(pool)), key=load.__getitem__)
+                    size = chunk_size(max(1, expected - dispatched), cfg.adapt.slots, len(pool))
+                    chunk = list(itertools.islice(pending, size)) if load[w] < queued else []
+                    if not chunk:
+                        break
+                    in_flight[pool[w].train.remote(kind, chunk, cfg, bank)] = (w, {u["user_id"]: u for u in chunk})
+                    load[w] += len(chunk)
+                    dispatched += len(chunk)
                 if not in_flight:
                     break
                 (ref,), _ = ray.wait(list(in_flight), num_returns=1)
                 w, by_id = in_flight.pop(ref)
+                load[w] -= len(by_id)
                 for r in ray.get(ref):
                     u = by_id[r["user_id"]]
                     store.add(r["user_id"], r["lora"], u["anchors"], u["weights"], r["steps"], r["final_loss"],
                               r["status"], r["error"])
                     finished += 1
                     failed += r["status"] != "ok"
-                free.append(w)
                 rate = finished / max(1e-9, time.time() - t0)
                 eta = max(0, expected - finished) / max(rate, 1e-9)
                 print(f"personalize[{kind}]: {finished}/{expected} users, {rate:.2f} users/s, ETA {eta:.0f}s"

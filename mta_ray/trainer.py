@@ -184,25 +184,26 @@ class MultiSlotTrainer:
         return _Slot(job, windows, tokens)
 
     def run(self, jobs: Iterable[Job], on_result: Callable[[JobResult], None] | None = None) -> list[JobResult]:
-        """Train every job; results come in completion order (also passed to ``on_result``)."""
+        """Train every job; results in completion order, returned or, with ``on_result``, handed to it
+        as they come (and not kept: a long-running feed of jobs does not pile up adapters here).
+
+        ``jobs`` is iterated afresh whenever a slot frees up, so an iterator that stops while empty and
+        resumes later (``continuous._Feed``) keeps feeding the same run.
+        """
         queue: Iterator[Job] = iter(jobs)
         state: list[_Slot | None] = [None] * self.slots
         results: list[JobResult] = []
+        emit = on_result or results.append
 
         def finish(s: int, result: JobResult) -> None:
-            results.append(result)
-            if on_result:
-                on_result(result)
+            emit(result)
             state[s] = None
             refill(s)
 
         def refill(s: int) -> None:
             for job in queue:
                 if not job.examples:
-                    finish_empty = JobResult(job.user_id, None, status="failed", error="no training examples")
-                    results.append(finish_empty)
-                    if on_result:
-                        on_result(finish_empty)
+                    emit(JobResult(job.user_id, None, status="failed", error="no training examples"))
                     continue
                 state[s] = self._load(s, job)
                 return

@@ -5,12 +5,18 @@ loads the bank's anchor LoRAs once, and then serves batches of users: it
 builds their examples, merges their anchors (the merge happens where the bank
 is, so only anchor ids and weights cross the network), runs the multi-slot
 trainer, and returns each user's adapter.
+
+It is a threaded actor: several ``train`` calls prepare their users at once
+(CPU) and feed one continuous trainer (``continuous.ContinuousTrainer``) that
+keeps the GPU's slots filled across calls; ``generate`` takes the same GPU lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,6 +27,7 @@ from .config import Config, LoraTrainConfig
 from .encoding import encode_prompt, user_examples
 from .lora import Lora, load_peft, merge
 from .tasks import get_task
+from .continuous import ContinuousTrainer
 from .trainer import Job, MultiSlotTrainer
 
 
@@ -32,7 +39,11 @@ def merged_rank(cfg: Config) -> int:
     return cfg.bank.rank * (cfg.merge.top_k if cfg.merge.space == "delta" else 1)
 
 
-@ray.remote(max_restarts=2, max_task_retries=2)
+CALLS_PER_WORKER = 8
+"""Concurrent calls a worker accepts (the driver queues at most a few; the rest are small queries)."""
+
+
+@ray.remote(max_restarts=2, max_task_retries=2, max_concurrency=CALLS_PER_WORKER)
 class ModelWorker:
     def __init__(self, cfg: Config, bank_dir: str | None, threads: int):
         from .models import load_base
@@ -49,26 +60,32 @@ class ModelWorker:
         self.bank_dir = bank_dir
         self._banks: dict[str, dict[str, Lora]] = {}
         self._stores: dict[str, Any] = {}
+        self._gpu = threading.Lock()
+        self._cache_lock = threading.Lock()
+        self._trainer = ContinuousTrainer(self._gpu)
+        self._calls: list[dict[str, float]] = []
 
     def _bank(self, bank_dir: str | None) -> dict[str, Lora]:
         """A bank's anchor LoRAs, loaded once per folder (studies switch between several banks)."""
         bank_dir = bank_dir or self.bank_dir
         if not bank_dir:
             return {}
-        if bank_dir not in self._banks:
-            import json
-            manifest_path = Path(bank_dir, "manifest.json")
-            anchors = json.loads(manifest_path.read_text())["anchors"] if manifest_path.is_file() else []
-            self._banks[bank_dir] = {a["anchor_id"]: load_peft(Path(bank_dir) / a["path"]) for a in anchors}
-        return self._banks[bank_dir]
+        with self._cache_lock:
+            if bank_dir not in self._banks:
+                import json
+                manifest_path = Path(bank_dir, "manifest.json")
+                anchors = json.loads(manifest_path.read_text())["anchors"] if manifest_path.is_file() else []
+                self._banks[bank_dir] = {a["anchor_id"]: load_peft(Path(bank_dir) / a["path"]) for a in anchors}
+            return self._banks[bank_dir]
 
     def _store(self, path: str) -> Any:
         """One AdapterStore per folder (its layout is read once, not per request)."""
         from .store import AdapterStore
 
-        if path not in self._stores:
-            self._stores[path] = AdapterStore(path)
-        return self._stores[path]
+        with self._cache_lock:
+            if path not in self._stores:
+                self._stores[path] = AdapterStore(path)
+            return self._stores[path]
 
     def node(self) -> str:
         return f"{os.uname().nodename}:{self.device}"
@@ -81,6 +98,17 @@ class ModelWorker:
         return {"allocated_gib": round(torch.cuda.max_memory_allocated() / gib, 2),
                 "reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
                 "device_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2)}
+
+    def train_stats(self) -> dict[str, float]:
+        """Since the last query: ``train`` calls and their users, seconds spent preparing them (CPU,
+        beside the GPU), trainer runs (each ends with its slots drained) and the seconds the trainer
+        ran: the benchmarks tell a worker's busy time from its waiting time with them."""
+        with self._cache_lock:
+            calls, self._calls = self._calls, []
+            runs, busy = self._trainer.runs, self._trainer.busy_seconds
+            self._trainer.runs, self._trainer.busy_seconds = 0, 0.0
+        return {"calls": len(calls), "users": sum(c["users"] for c in calls),
+                "setup_s": sum(c["setup_s"] for c in calls), "runs": runs, "busy_s": busy}
 
     def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
                    bank_dir: str | None = None) -> Lora | None:
@@ -96,6 +124,7 @@ class ModelWorker:
         ``cfg`` overrides the training settings of this call (the base model stays the one loaded);
         ``bank_dir`` picks the bank the anchors come from (default: the worker's).
         """
+        t0 = time.perf_counter()
         cfg = cfg or self.cfg
         tcfg = train_config(cfg, kind)
         jobs = []
@@ -108,13 +137,16 @@ class ModelWorker:
                       if kind == "mta" else None)
             jobs.append(Job(u["user_id"], examples, merged=merged, seed=cfg.seed))
         R = merged_rank(cfg) if kind == "mta" else 0
-        trainer = MultiSlotTrainer(self.model, tcfg, slots=max(1, min(cfg.adapt.slots, len(jobs))),
-                                   merged_rank=R, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed,
-                                   max_rows=cfg.adapt.max_rows)
-        try:
-            results = trainer.run(jobs)
-        finally:
-            trainer.close()
+        slots, max_rows = max(1, cfg.adapt.slots), cfg.adapt.max_rows
+        with self._cache_lock:
+            self._calls.append({"users": len(users), "setup_s": time.perf_counter() - t0})
+
+        def build() -> MultiSlotTrainer:
+            return MultiSlotTrainer(self.model, tcfg, slots=slots, merged_rank=R,
+                                    pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, max_rows=max_rows)
+
+        # Calls with equal training settings share the running trainer (and its slots).
+        results = self._trainer.train(repr((tcfg, R, slots, max_rows, cfg.seed)), jobs, build)
         return [{"user_id": r.user_id, "lora": r.lora, "steps": r.steps, "final_loss": r.final_loss,
                  "status": r.status, "error": r.error} for r in results]
 
@@ -133,7 +165,8 @@ class ModelWorker:
                                      cfg.model.chat_template) for r in chunk]
             merged = [self.merged_for(r.get("anchors", []), r.get("weights", []), cfg, bank_dir) for r in chunk]
             stacked = [self._store(r["store"]).load(r["row"]) if r.get("store") else None for r in chunk]
-            out += generate(self.model, self.tokenizer, prompts, max_new, merged, stacked, targets)
+            with self._gpu:  # never beside a training run (it swaps the model's layers)
+                out += generate(self.model, self.tokenizer, prompts, max_new, merged, stacked, targets)
         return out
 
 

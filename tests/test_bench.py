@@ -81,6 +81,9 @@ def test_bench_pipeline_measures_every_stage_then_scaling(tmp_path):
         assert ("worker_load_s" in row) == row["stage"].startswith(("bank", "personalize", "evaluate"))
     (one,) = result["scaling"]
     assert one["gpus"] == 1 and one["users"] == 8 and one["failed"] == 0 and one["speedup"] == 1.0
+    (busy,) = one["worker_busy"]  # the warm-up call is not counted; the timed calls cover every user
+    assert busy["users"] == 8 and busy["calls"] >= 1 and 0 < busy["busy_fraction"] <= 1.0
+    assert busy["runs"] >= 1 and one["warm_up_users"] >= 1
     assert [r["gpus"] for r in result["scaling_not_run"]] == [2]
     assert result["fits_budget"] is None and result["budget_gib"] == 44.0
     assert (tmp_path / "bench-pipeline-all.config.yaml").is_file()

@@ -3,7 +3,6 @@
 import time
 
 from mta_ray.gpumem import GIB, GpuMemorySampler, read_used_bytes
-from mta_ray.personalize import chunk_size
 
 
 class Scripted:
@@ -44,11 +43,3 @@ def test_wait_idle_returns_once_memory_is_released_or_times_out():
 
 def test_no_gpu_reads_as_no_values():
     assert isinstance(read_used_bytes(), list)  # [] here (no nvidia-smi); one value per GPU on a GPU box
-
-
-def test_chunks_divide_evenly_among_workers():
-    for users, slots, workers in [(48, 6, 1), (48, 6, 2), (72, 8, 2), (1000, 16, 3), (5, 16, 2), (1, 4, 4)]:
-        assert 1 <= chunk_size(users, slots, workers) <= 2 * slots  # at most two slot-fills per call
-    # 72 users, 8 slots: 5 chunks of 15 on one GPU, but 6 of 12 on two (3 each, not 3 and 2)
-    assert chunk_size(72, 8, 1) == 15 and chunk_size(72, 8, 2) == 12
-    assert chunk_size(1000, 16, 3) == 31  # ceil(1000/32) = 32 chunks, rounded up to 33 = 11 per worker
