@@ -24,7 +24,7 @@ from typing import Any
 
 from .config import Config, save_resolved, to_dict, with_values
 from .fsutil import atomic_write_text, slug
-from .gpumem import GIB, GpuMemorySampler, gpu_names
+from .gpumem import GIB, GpuMemorySampler, gpu_names, read_activity
 
 
 def _gib(values: list[int]) -> list[float]:
@@ -132,11 +132,14 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
             stop_workers(pool)
         rate = result["trained"] / seconds
         busy = [{**{k: round(v, 1) if isinstance(v, float) else v for k, v in st.items()},
-                 "busy_fraction": round(st["busy_s"] / seconds, 3)} for st in stats]
+                 "busy_fraction": round(st["busy_s"] / seconds, 3),
+                 "occupancy": round(st["slot_iterations"] / max(1, st["iterations"] * cfg.adapt.slots), 3),
+                 "s_per_iteration": round(st["busy_s"] / max(1, st["iterations"]), 4)} for st in stats]
         rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
                      "seconds": round(seconds, 1), "users_per_s": round(rate, 3), "worker_load_s": round(load_s, 1),
                      "warm_up_s": round(warm_s, 1), "warm_up_users": len(warm_call), "worker_busy": busy,
-                     "peak_gib": _gib(mem.peaks[label]), "worker_memory": memory})
+                     "peak_gib": _gib(mem.peaks[label]), "gpu_activity": mem.activity.get(label, []),
+                     "worker_memory": memory})
         rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
         record(rows)
         print(f"bench pipeline: personalize on {n} GPU(s): {rate:.3f} users/s "
@@ -189,7 +192,7 @@ def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: 
 
     print(f"bench pipeline ({part}): {names or ['cpu']}, base {cfg.model.base}, work folder {work}", flush=True)
     try:
-        with GpuMemorySampler() as mem:
+        with GpuMemorySampler(activity=read_activity) as mem:
             if part in ("stages", "all"):
                 measure_stages(cfg, work, mem, record("stages"))
             if part in ("scaling", "all"):

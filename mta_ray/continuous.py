@@ -44,7 +44,8 @@ class ContinuousTrainer:
 
     Jobs with equal ``key`` share a trainer (built by the first one's ``build``, under
     ``gpu_lock``); a different key waits until the running trainer has drained. ``runs`` counts
-    trainers built (each ends with its slots drained); ``busy_seconds`` is their total run time.
+    trainers built (each ends with its slots drained); ``busy_seconds`` is their total run time,
+    ``iterations`` and ``slot_iterations`` their iterations and busy slots summed over them.
     """
 
     def __init__(self, gpu_lock: threading.Lock | None = None):
@@ -54,6 +55,8 @@ class ContinuousTrainer:
         self._thread: threading.Thread | None = None
         self.runs = 0
         self.busy_seconds = 0.0
+        self.iterations = 0
+        self.slot_iterations = 0
 
     def train(self, key: Hashable, jobs: list[Job], build: Callable[[], MultiSlotTrainer]) -> list[JobResult]:
         """Queue ``jobs`` and wait for their results (completion order). A trainer error raises here
@@ -111,6 +114,8 @@ class ContinuousTrainer:
                     trainer.run(feed, on_result=deliver)
                 finally:
                     trainer.close()
+                    self.iterations += trainer.iterations
+                    self.slot_iterations += trainer.slot_iterations
         except BaseException as exc:  # noqa: BLE001 - handed to the calls that wait on this run
             with self._cond:  # every call of this run fails, its queued jobs too (a retry starts afresh)
                 failed = {**feed.tickets, **{id(e.ticket): e.ticket for e in self._queue if e.key == key}}

@@ -36,23 +36,43 @@ def read_used_bytes() -> list[int]:
     return [int(float(v)) * MIB for v in query_gpus("memory.used")]
 
 
+ACTIVITY_FIELDS = ("clocks.sm", "power.draw", "utilization.gpu")
+"""What :func:`read_activity` reads: SM clock (MHz), board power (W), busy time (%)."""
+
+
+def read_activity() -> list[tuple[float, ...]]:
+    """Each GPU's SM clock, power and utilisation now (a throttled or starved GPU shows here)."""
+    rows = []
+    for line in query_gpus(",".join(ACTIVITY_FIELDS)):
+        try:
+            rows.append(tuple(float(v) for v in line.split(",")))
+        except ValueError:  # "[N/A]" on some boards
+            return []
+    return rows
+
+
 def gpu_names() -> list[str]:
     """Names of the machine's GPUs, without initialising CUDA in this process."""
     return query_gpus("name")
 
 
 class GpuMemorySampler:
-    """Polls every ``interval`` seconds; :meth:`phase` records the peak of each GPU while it runs."""
+    """Polls every ``interval`` seconds; :meth:`phase` records the peak of each GPU while it runs and,
+    with ``activity`` (a reader like :func:`read_activity`), the mean SM clock, power and utilisation."""
 
-    def __init__(self, interval: float = 0.2, reader=read_used_bytes):
+    def __init__(self, interval: float = 0.2, reader=read_used_bytes, activity=None):
         self.interval = interval
         self._read = reader
+        self._activity = activity
         self._lock = threading.Lock()
         self._peak: list[int] = []
+        self._activity_rows: list[list[tuple[float, ...]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.peaks: dict[str, list[int]] = {}
         """Phase name -> peak used bytes per GPU."""
+        self.activity: dict[str, list[dict[str, float]]] = {}
+        """Phase name -> per GPU, the mean of each of :data:`ACTIVITY_FIELDS` over the phase's samples."""
 
     def __enter__(self) -> "GpuMemorySampler":
         self._thread = threading.Thread(target=self._loop, name="gpu-memory-sampler", daemon=True)
@@ -76,12 +96,16 @@ class GpuMemorySampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+            if self._activity:
+                rows = self._activity()
+                with self._lock:
+                    self._activity_rows.append(rows)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Peak per GPU from entering to leaving (sampled once more at both ends)."""
         with self._lock:
-            self._peak = []
+            self._peak, self._activity_rows = [], []
         self._sample()
         try:
             yield
@@ -89,6 +113,11 @@ class GpuMemorySampler:
             self._sample()
             with self._lock:
                 self.peaks[name] = list(self._peak)
+                rows = [r for r in self._activity_rows if r]
+                if rows and all(len(r) == len(rows[0]) for r in rows):
+                    self.activity[name] = [
+                        {f: round(sum(r[g][i] for r in rows) / len(rows), 1) for i, f in enumerate(ACTIVITY_FIELDS)}
+                        for g in range(len(rows[0]))]
 
     def wait_idle(self, below_bytes: int = 2 * GIB, timeout: float = 120.0) -> list[int]:
         """Wait until every GPU uses less than ``below_bytes`` (the last phase's actors have exited)."""

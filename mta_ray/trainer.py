@@ -158,6 +158,10 @@ class MultiSlotTrainer:
         if fused is None:
             fused = self.device.type == "cuda"
         self._undo_fused = apply_fused(model) if fused else None
+        self.iterations = 0
+        """Iterations run (one micro-batch of every busy slot each)."""
+        self.slot_iterations = 0
+        """Sum over iterations of the busy slots: ``slot_iterations / (iterations * slots)`` is occupancy."""
 
     def close(self) -> None:
         """Put the model back as it was (plain modules)."""
@@ -213,6 +217,8 @@ class MultiSlotTrainer:
         self.model.train()
         while any(st is not None for st in state):
             busy = [s for s in range(self.slots) if state[s] is not None]
+            self.iterations += 1
+            self.slot_iterations += len(busy)
             per_slot_loss = self._forward_backward(state, busy)
             done_window = []
             for s in busy:

@@ -101,14 +101,17 @@ class ModelWorker:
 
     def train_stats(self) -> dict[str, float]:
         """Since the last query: ``train`` calls and their users, seconds spent preparing them (CPU,
-        beside the GPU), trainer runs (each ends with its slots drained) and the seconds the trainer
-        ran: the benchmarks tell a worker's busy time from its waiting time with them."""
+        beside the GPU), trainer runs (each ends with its slots drained), the seconds the trainer ran,
+        its iterations and busy slots summed over them: the benchmarks tell a worker's busy time from
+        its waiting time, and slow iterations from empty slots, with them."""
+        t = self._trainer
         with self._cache_lock:
             calls, self._calls = self._calls, []
-            runs, busy = self._trainer.runs, self._trainer.busy_seconds
-            self._trainer.runs, self._trainer.busy_seconds = 0, 0.0
-        return {"calls": len(calls), "users": sum(c["users"] for c in calls),
-                "setup_s": sum(c["setup_s"] for c in calls), "runs": runs, "busy_s": busy}
+            stats = {"calls": len(calls), "users": sum(c["users"] for c in calls),
+                     "setup_s": sum(c["setup_s"] for c in calls), "runs": t.runs, "busy_s": t.busy_seconds,
+                     "iterations": t.iterations, "slot_iterations": t.slot_iterations}
+            t.runs, t.busy_seconds, t.iterations, t.slot_iterations = 0, 0.0, 0, 0
+        return stats
 
     def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
                    bank_dir: str | None = None) -> Lora | None:

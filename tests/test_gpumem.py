@@ -43,3 +43,17 @@ def test_wait_idle_returns_once_memory_is_released_or_times_out():
 
 def test_no_gpu_reads_as_no_values():
     assert isinstance(read_used_bytes(), list)  # [] here (no nvidia-smi); one value per GPU on a GPU box
+
+
+def test_activity_is_averaged_per_phase_and_gpu():
+    rows = {"now": [(1980.0, 600.0, 100.0), (1500.0, 300.0, 50.0)]}
+    with GpuMemorySampler(interval=0.01, reader=Scripted(), activity=lambda: rows["now"]) as mem:
+        with mem.phase("busy"):
+            time.sleep(0.1)
+        rows["now"] = [(345.0, 80.0, 0.0), (345.0, 80.0, 0.0)]
+        time.sleep(0.05)  # a sample read just before the change is in by now
+        with mem.phase("idle"):
+            time.sleep(0.1)
+    assert mem.activity["busy"] == [{"clocks.sm": 1980.0, "power.draw": 600.0, "utilization.gpu": 100.0},
+                                    {"clocks.sm": 1500.0, "power.draw": 300.0, "utilization.gpu": 50.0}]
+    assert mem.activity["idle"][1]["utilization.gpu"] == 0.0
