@@ -71,7 +71,8 @@ def measure_stages(cfg: Config, work: Path, mem: GpuMemorySampler, record) -> li
         seconds = time.time() - t0
         timing[f"{name}_s"] = round(seconds, 1)
         peak = mem.peaks[name]
-        row.update(seconds=round(seconds, 1), peak_gib=_gib(peak), max_peak_gib=round(max(peak, default=0) / GIB, 2))
+        row.update(seconds=round(seconds, 1), peak_gib=_gib(peak), max_peak_gib=round(max(peak, default=0) / GIB, 2),
+                   gpu_activity=mem.activity.get(name, []))
         rows.append(row)
         record(rows)
         if "error" in row:
@@ -123,7 +124,7 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
             warm_s = time.time() - t_warm
             ray.get([w.train_stats.remote() for w in pool])  # forget the warm-up call
             t0 = time.time()
-            with mem.phase(label):
+            with mem.paused():  # nothing polls the GPUs while the clock runs
                 result = run_personalize(cfg_n, work, "mta", workers=pool, label=label)
             seconds = time.time() - t0
             memory = ray.get([w.gpu_memory.remote() for w in pool])
@@ -138,7 +139,6 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
         rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
                      "seconds": round(seconds, 1), "users_per_s": round(rate, 3), "worker_load_s": round(load_s, 1),
                      "warm_up_s": round(warm_s, 1), "warm_up_users": len(warm_call), "worker_busy": busy,
-                     "peak_gib": _gib(mem.peaks[label]), "gpu_activity": mem.activity.get(label, []),
                      "worker_memory": memory})
         rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
         record(rows)
@@ -174,8 +174,10 @@ def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: 
     result: dict[str, Any] = {
         "benchmark": "pipeline", "part": part, "device": device, "gpus": names, "model": cfg.model.base,
         "budget_gib": budget, "config": to_dict(cfg),
-        "note": "peak_gib: nvidia-smi memory.used per GPU during the stage (all processes); "
-                "scaling: the same users personalised (MTA) on n resident workers, model loading excluded",
+        "note": "peak_gib: nvidia-smi memory.used per GPU during the stage (all processes; sampled every 0.2 s, "
+                "with SM clock, power and utilisation in gpu_activity); scaling: the same users personalised "
+                "(MTA) on n resident workers, model loading and a warm-up call excluded, no GPU polling while "
+                "timed (worker_memory: each worker's PyTorch peaks)",
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, results_dir, f"bench-pipeline-{part}")

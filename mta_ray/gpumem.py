@@ -68,6 +68,7 @@ class GpuMemorySampler:
         self._peak: list[int] = []
         self._activity_rows: list[list[tuple[float, ...]]] = []
         self._stop = threading.Event()
+        self._paused = threading.Event()
         self._thread: threading.Thread | None = None
         self.peaks: dict[str, list[int]] = {}
         """Phase name -> peak used bytes per GPU."""
@@ -95,6 +96,8 @@ class GpuMemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
+            if self._paused.is_set():
+                continue
             self._sample()
             if self._activity:
                 rows = self._activity()
@@ -118,6 +121,16 @@ class GpuMemorySampler:
                     self.activity[name] = [
                         {f: round(sum(r[g][i] for r in rows) / len(rows), 1) for i, f in enumerate(ACTIVITY_FIELDS)}
                         for g in range(len(rows[0]))]
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No polling inside: ``nvidia-smi`` takes the driver's lock, and polling busy GPUs 5-10 times a
+        second measurably slowed training on them (bench/results/README.md); timed runs go without it."""
+        self._paused.set()
+        try:
+            yield
+        finally:
+            self._paused.clear()
 
     def wait_idle(self, below_bytes: int = 2 * GIB, timeout: float = 120.0) -> list[int]:
         """Wait until every GPU uses less than ``below_bytes`` (the last phase's actors have exited)."""

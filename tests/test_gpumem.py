@@ -57,3 +57,14 @@ def test_activity_is_averaged_per_phase_and_gpu():
     assert mem.activity["busy"] == [{"clocks.sm": 1980.0, "power.draw": 600.0, "utilization.gpu": 100.0},
                                     {"clocks.sm": 1500.0, "power.draw": 300.0, "utilization.gpu": 50.0}]
     assert mem.activity["idle"][1]["utilization.gpu"] == 0.0
+
+
+def test_nothing_is_polled_while_paused():
+    reader = Scripted()
+    with GpuMemorySampler(interval=0.01, reader=reader) as mem:
+        with mem.paused():
+            with mem.phase("timed"):
+                reader.used = [9 * GIB, 0]
+                time.sleep(0.1)
+                reader.used = [1 * GIB, 0]
+    assert mem.peaks["timed"] == [1 * GIB, 0]  # only the readings at the phase's two ends
