@@ -127,7 +127,6 @@ class _Slot:
     window_tokens: list[int]
     step: int = 0          # optimizer steps taken
     micro: int = 0         # micro-batch index inside the current window
-    window_loss: float = 0.0
     losses: list[float] = field(default_factory=list)
 
 
@@ -158,6 +157,8 @@ class MultiSlotTrainer:
         if fused is None:
             fused = self.device.type == "cuda"
         self._undo_fused = apply_fused(model) if fused else None
+        self._window_loss = torch.zeros(slots, dtype=torch.float64, device=self.device)
+        """Each slot's loss over its current accumulation window, summed on the device."""
         self.iterations = 0
         """Iterations run (one micro-batch of every busy slot each)."""
         self.slot_iterations = 0
@@ -219,25 +220,27 @@ class MultiSlotTrainer:
             busy = [s for s in range(self.slots) if state[s] is not None]
             self.iterations += 1
             self.slot_iterations += len(busy)
-            per_slot_loss = self._forward_backward(state, busy)
+            self._forward_backward(state, busy)
             done_window = []
             for s in busy:
                 st = state[s]
-                st.window_loss += per_slot_loss[s]
                 st.micro += 1
                 if st.micro == len(st.windows[st.step]):
                     done_window.append(s)
-            if done_window:
-                self._optimizer_step(state, done_window)
-            for s in done_window:
+            if not done_window:
+                continue  # nothing read back: the host goes straight on to the next pass
+            self._optimizer_step(state, done_window)
+            window_losses = self._window_loss[done_window].tolist()  # the one read-back per optimizer step
+            self._window_loss[done_window] = 0.0
+            for s, window_loss in zip(done_window, window_losses):
                 st = state[s]
-                if not math.isfinite(st.window_loss):
+                if not math.isfinite(window_loss):
                     finish(s, JobResult(st.job.user_id, None, st.losses, st.step, "failed",
                                         f"non-finite loss at step {st.step + 1}"))
                     continue
-                st.losses.append(st.window_loss)
+                st.losses.append(window_loss)
                 st.step += 1
-                st.micro, st.window_loss = 0, 0.0
+                st.micro = 0
                 if st.step == len(st.windows):
                     finish(s, JobResult(st.job.user_id, get_stacked(self.layers, s), st.losses, st.step))
         self.router.rows = None
@@ -245,23 +248,29 @@ class MultiSlotTrainer:
         return results
 
     # ------------------------------------------------------------------ one iteration
-    def _forward_backward(self, state: list[_Slot | None], busy: list[int]) -> dict[int, float]:
-        """One micro-batch of every busy slot, in groups of at most ``max_rows`` sequences."""
-        losses: dict[int, float] = {}
+    def _forward_backward(self, state: list[_Slot | None], busy: list[int]) -> None:
+        """One micro-batch of every busy slot, in groups of at most ``max_rows`` sequences; each slot's
+        weighted loss is added to ``_window_loss`` on the device."""
         group: list[int] = []
         rows = 0
         for s in busy:
             st = state[s]
             n = len(st.windows[st.step][st.micro])
             if group and self.max_rows and rows + n > self.max_rows:
-                losses.update(self._pass(state, group))
+                self._pass(state, group)
                 group, rows = [], 0
             group.append(s)
             rows += n
-        losses.update(self._pass(state, group))
-        return losses
+        self._pass(state, group)
 
-    def _pass(self, state: list[_Slot | None], busy: list[int]) -> dict[int, float]:
+    def _pass(self, state: list[_Slot | None], busy: list[int]) -> None:
+        """Forward and backward of the busy slots' current micro-batches, without waiting for the GPU.
+
+        Everything data-dependent (padding, which positions are targets, their rows, slots and loss
+        weights) is worked out on the host and copied from pinned memory without blocking: a pageable
+        copy, a boolean-mask gather or a ``.tolist()`` would make the host wait for the previous pass
+        before it could launch this one (one GPU was 55% busy that way; bench/results/README.md).
+        """
         rows, weights, examples = [], [], []
         for s in busy:
             st = state[s]
@@ -269,32 +278,39 @@ class MultiSlotTrainer:
                 examples.append(st.job.examples[i])
                 rows.append(s)
                 weights.append(1.0 / max(1, st.window_tokens[st.step]))
-        input_ids, attention, labels = pad_examples(examples, self.pad_id, self.device)
-        rows_t = torch.tensor(rows, device=self.device)
-        self.router.rows = rows_t
-        if bool(attention.all()):
-            attention = None  # no padding: lets SDPA take its causal flash path
-        hidden = self.body(input_ids=input_ids, attention_mask=attention, use_cache=False).last_hidden_state  # (N, T, H)
-        target = labels[:, 1:]                                                                  # (N, T-1)
-        mask = target != IGNORE
-        logits = self.head(hidden[:, :-1][mask])                                                # (M, V)
+        input_ids, attention, labels = pad_examples(examples, self.pad_id, "cpu")
+        N, T = input_ids.shape
+        target = labels[:, 1:]                                            # (N, T-1): token t+1 is predicted at t
+        n_idx, t_idx = (target != IGNORE).nonzero(as_tuple=True)          # (M,) row-major, like a boolean mask
+        position = n_idx * T + t_idx                                      # rows of hidden.reshape(N*T, H)
+        rows_of = torch.tensor(rows)
+        host = {"input_ids": input_ids, "rows": rows_of, "position": position, "target": target[n_idx, t_idx],
+                "weight": torch.tensor(weights, dtype=torch.float32)[n_idx], "slot": rows_of[n_idx]}
+        if not bool(attention.all()):
+            host["attention"] = attention      # no padding: None lets SDPA take its causal flash path
+        dev = {k: self._to_device(v) for k, v in host.items()}
+        self.router.rows = dev["rows"]
+        hidden = self.body(input_ids=dev["input_ids"], attention_mask=dev.get("attention"),
+                           use_cache=False).last_hidden_state                                 # (N, T, H)
+        logits = self.head(hidden.reshape(N * T, -1).index_select(0, dev["position"]))        # (M, V)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        ce = F.cross_entropy(logits.float(), target[mask], reduction="none")                   # (M,)
-        row_of_token = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(target)[mask]
-        w = torch.tensor(weights, device=self.device, dtype=torch.float32)[row_of_token]
-        weighted = ce * w
+        ce = F.cross_entropy(logits.float(), dev["target"], reduction="none")                 # (M,)
+        weighted = ce * dev["weight"]
         weighted.sum().backward()
-        slot_of_token = rows_t[row_of_token]
-        per_slot = torch.zeros(self.slots, device=self.device).index_add_(0, slot_of_token, weighted.detach())
-        per_slot = per_slot.tolist()
-        return {s: per_slot[s] for s in busy}
+        self._window_loss.index_add_(0, dev["slot"], weighted.detach().double())
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor to the trainer's device without making the host wait (pinned, non-blocking)."""
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ per-slot AdamW
     @torch.no_grad()
     def _optimizer_step(self, state: list[_Slot | None], slots: list[int]) -> None:
         """AdamW (torch's arithmetic) with per-slot clipping, LR and step count, for ``slots`` only."""
-        idx = torch.tensor(slots, device=self.device)
+        idx = self._to_device(torch.tensor(slots))
         cfg, (b1, b2) = self.cfg, self.betas
         grads = [p.grad.index_select(0, idx) if p.grad is not None else torch.zeros_like(p[idx])
                  for p in self.params]
@@ -304,9 +320,9 @@ class MultiSlotTrainer:
             grads = [g * coef.view(-1, 1, 1) for g in grads]
         steps = [state[s].step + 1 for s in slots]
         lrs = [cfg.lr * lr_multiplier(state[s].step, len(state[s].windows), cfg) for s in slots]
-        lr = torch.tensor(lrs, device=self.device).view(-1, 1, 1)
-        bc1 = torch.tensor([1 - b1 ** t for t in steps], device=self.device).view(-1, 1, 1)
-        bc2_sqrt = torch.tensor([(1 - b2 ** t) ** 0.5 for t in steps], device=self.device).view(-1, 1, 1)
+        lr = self._to_device(torch.tensor(lrs)).view(-1, 1, 1)
+        bc1 = self._to_device(torch.tensor([1 - b1 ** t for t in steps])).view(-1, 1, 1)
+        bc2_sqrt = self._to_device(torch.tensor([(1 - b2 ** t) ** 0.5 for t in steps])).view(-1, 1, 1)
         for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
             w, m, v = p.data[idx], m_all[idx], v_all[idx]
             if cfg.weight_decay:

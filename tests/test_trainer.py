@@ -154,3 +154,20 @@ def test_schedule_and_windows():
     assert epoch_order(5, 3, 0) != epoch_order(5, 3, 1)
     assert lr_multiplier(0, 10, cfg) == 0.0 and lr_multiplier(1, 10, cfg) == pytest.approx(1.0)
     assert lr_multiplier(9, 10, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi * 8 / 9)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pass_without_host_waits_trains_like_cpu():
+    """On CUDA the pass copies its inputs from pinned memory without blocking and reads losses back once per
+    optimizer step; the users still train as on the CPU (fp32, no fused kernels: only the data path differs)."""
+    cpu = {r.user_id: r for r in MultiSlotTrainer(tiny_llama(), CFG, slots=2, merged_rank=8, max_rows=3).run(_jobs())}
+    gpu_model = tiny_llama().cuda()
+    gpu = {r.user_id: r for r in MultiSlotTrainer(gpu_model, CFG, slots=2, merged_rank=8, max_rows=3,
+                                                  fused=False).run(_jobs())}
+    assert set(gpu) == set(cpu)
+    for user, want in cpu.items():
+        got = gpu[user]
+        assert got.status == "ok" and got.steps == want.steps
+        assert got.step_losses == pytest.approx(want.step_losses, rel=1e-3, abs=1e-4)
+        for name, pair in want.lora.items():
+            assert torch.allclose(got.lora[name].B, pair.B, atol=1e-4), name
