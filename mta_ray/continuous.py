@@ -76,6 +76,14 @@ class ContinuousTrainer:
             raise ticket.error
         return ticket.results
 
+    def take_stats(self) -> dict[str, float]:
+        """The counters since the last call (then zeroed): runs, busy seconds, iterations, busy slots."""
+        with self._cond:
+            stats = {"runs": self.runs, "busy_s": self.busy_seconds, "iterations": self.iterations,
+                     "slot_iterations": self.slot_iterations}
+            self.runs, self.busy_seconds, self.iterations, self.slot_iterations = 0, 0.0, 0, 0
+        return stats
+
     # ------------------------------------------------------------------ the training thread
     def _loop(self) -> None:
         while True:
@@ -107,6 +115,7 @@ class ContinuousTrainer:
                     self._cond.notify_all()
 
         t0 = time.perf_counter()
+        trainer = None
         try:
             with self.gpu_lock:
                 trainer = build()
@@ -114,8 +123,6 @@ class ContinuousTrainer:
                     trainer.run(feed, on_result=deliver)
                 finally:
                     trainer.close()
-                    self.iterations += trainer.iterations
-                    self.slot_iterations += trainer.slot_iterations
         except BaseException as exc:  # noqa: BLE001 - handed to the calls that wait on this run
             with self._cond:  # every call of this run fails, its queued jobs too (a retry starts afresh)
                 failed = {**feed.tickets, **{id(e.ticket): e.ticket for e in self._queue if e.key == key}}
@@ -124,8 +131,12 @@ class ContinuousTrainer:
                 self._queue = deque(e for e in self._queue if id(e.ticket) not in failed)
                 self._cond.notify_all()
         finally:
-            self.runs += 1
-            self.busy_seconds += time.perf_counter() - t0
+            with self._cond:
+                self.runs += 1
+                self.busy_seconds += time.perf_counter() - t0
+                if trainer is not None:
+                    self.iterations += trainer.iterations
+                    self.slot_iterations += trainer.slot_iterations
 
 
 class _Feed:

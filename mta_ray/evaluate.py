@@ -110,7 +110,7 @@ def run_evaluate(cfg: Config, out: Path, timing: dict | None = None, workers: li
 
     t0 = time.time()
     task = get_task(cfg.data.task)
-    per_method: dict[str, tuple[list[str], list[str], list[int]]] = {m: ([], [], []) for m in cfg.eval.methods}
+    per_method: dict[str, tuple[list[str], list[str], Any]] = {m: ([], [], []) for m in cfg.eval.methods}
     examples: dict[str, list[dict]] = {}
     index = {m: AdapterStore(store_dir(out, m)).rows_by_user() for m in cfg.eval.methods if m in KINDS}
     users = (u for u in iter_pending(cfg, out, "mta", set(), out / BANK_DIR, ("user_id", "history", "queries"))
@@ -131,17 +131,17 @@ def run_evaluate(cfg: Config, out: Path, timing: dict | None = None, workers: li
             print(f"evaluate: {n_users} users, {len(per_method[cfg.eval.methods[0]][0])} queries "
                   f"x {len(cfg.eval.methods)} methods, {time.time() - t0:.0f}s", flush=True)
     results: dict[str, dict] = {}
-    arrays: dict[str, tuple[list[str], list[str], np.ndarray]] = {}
     for method, (preds, golds, users_of) in per_method.items():
-        arrays[method] = (preds, golds, np.array(users_of))
-        draws = bootstrap(task, arrays[method][2], preds, golds, n_users, cfg.eval.bootstrap, cfg.seed)
+        users_of = np.array(users_of)
+        per_method[method] = (preds, golds, users_of)  # values only: safe while iterating
+        draws = bootstrap(task, users_of, preds, golds, n_users, cfg.eval.bootstrap, cfg.seed)
         results[method] = {"metrics": score(task, preds, golds), "n": len(preds),
                            "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))]
                                     for k, v in draws.items()},
                            "examples": examples.get(method, [])}
         print(f"evaluate: {method}: {results[method]['metrics']}", flush=True)
     report = {"task": task.name, "config": to_dict(cfg), "methods": results,
-              "comparisons": _comparisons(task, arrays, n_users, cfg),
+              "comparisons": _comparisons(task, per_method, n_users, cfg),
               "timing": {**(timing or {}), "evaluate_s": round(time.time() - t0, 1)},
               "storage": storage(out)}
     report["verdict"] = _verdict(report)

@@ -136,8 +136,10 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
             while True:
                 while True:  # top up the least loaded worker until every one holds its share
                     w = min(range(len(pool)), key=load.__getitem__)
-                    size = chunk_size(max(1, expected - dispatched), cfg.adapt.slots, len(pool))
-                    chunk = list(itertools.islice(pending, size)) if load[w] < queued else []
+                    if load[w] >= queued:
+                        break
+                    chunk = list(itertools.islice(
+                        pending, chunk_size(max(1, expected - dispatched), cfg.adapt.slots, len(pool))))
                     if not chunk:
                         break
                     in_flight[pool[w].train.remote(kind, chunk, cfg, bank)] = (w, {u["user_id"]: u for u in chunk})

@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from .config import Config, save_resolved, section_hash
-from .errors import InputError
 from .data import iter_users, write_users
+from .errors import InputError
 from .fsutil import atomic_write_text
 from .synthetic import persona_table
 

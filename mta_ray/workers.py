@@ -26,8 +26,8 @@ import torch
 from .config import Config, LoraTrainConfig
 from .encoding import encode_prompt, user_examples
 from .lora import Lora, load_peft, merge
-from .tasks import get_task
 from .continuous import ContinuousTrainer
+from .tasks import get_task
 from .trainer import Job, MultiSlotTrainer
 
 
@@ -63,7 +63,8 @@ class ModelWorker:
         self._gpu = threading.Lock()
         self._cache_lock = threading.Lock()
         self._trainer = ContinuousTrainer(self._gpu)
-        self._calls: list[dict[str, float]] = []
+        self._call_stats = {"calls": 0, "users": 0, "setup_s": 0.0}
+        self._stats_lock = threading.Lock()
 
     def _bank(self, bank_dir: str | None) -> dict[str, Lora]:
         """A bank's anchor LoRAs, loaded once per folder (studies switch between several banks)."""
@@ -104,14 +105,9 @@ class ModelWorker:
         beside the GPU), trainer runs (each ends with its slots drained), the seconds the trainer ran,
         its iterations and busy slots summed over them: the benchmarks tell a worker's busy time from
         its waiting time, and slow iterations from empty slots, with them."""
-        t = self._trainer
-        with self._cache_lock:
-            calls, self._calls = self._calls, []
-            stats = {"calls": len(calls), "users": sum(c["users"] for c in calls),
-                     "setup_s": sum(c["setup_s"] for c in calls), "runs": t.runs, "busy_s": t.busy_seconds,
-                     "iterations": t.iterations, "slot_iterations": t.slot_iterations}
-            t.runs, t.busy_seconds, t.iterations, t.slot_iterations = 0, 0.0, 0, 0
-        return stats
+        with self._stats_lock:
+            calls, self._call_stats = self._call_stats, {"calls": 0, "users": 0, "setup_s": 0.0}
+        return {**calls, **self._trainer.take_stats()}
 
     def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
                    bank_dir: str | None = None) -> Lora | None:
@@ -141,8 +137,10 @@ class ModelWorker:
             jobs.append(Job(u["user_id"], examples, merged=merged, seed=cfg.seed))
         R = merged_rank(cfg) if kind == "mta" else 0
         slots, max_rows = max(1, cfg.adapt.slots), cfg.adapt.max_rows
-        with self._cache_lock:
-            self._calls.append({"users": len(users), "setup_s": time.perf_counter() - t0})
+        with self._stats_lock:
+            self._call_stats["calls"] += 1
+            self._call_stats["users"] += len(users)
+            self._call_stats["setup_s"] += time.perf_counter() - t0
 
         def build() -> MultiSlotTrainer:
             return MultiSlotTrainer(self.model, tcfg, slots=slots, merged_rank=R,
