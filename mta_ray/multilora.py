@@ -14,6 +14,7 @@ to the activations' dtype for compute, as PEFT does for bf16 models.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Iterable
 
 import torch
@@ -21,6 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lora import Lora, LoraPair
+
+# Autograd adds each factor's gradient in place into its view of the flat gradient (FlatFactors); a
+# strided view cannot meet autograd's gradient "layout contract", which costs only the speed of that add.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 class SlotRouter:
@@ -121,6 +126,45 @@ def restore(model: nn.Module, layers: dict[str, MultiSlotLinear]) -> None:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base)
+
+
+class FlatFactors:
+    """Every layer's trainable factors as views of one slot-major (S, P) float32 tensor, their gradients
+    as views of another.
+
+    A per-slot optimizer then updates the slots that step with a handful of kernels over (k, P) rows
+    instead of a dozen per factor tensor (an 8B model with all seven linears adapted has 448 of them,
+    and launching their kernels one by one kept the GPU waiting on the host). Autograd adds each
+    factor's gradient into its view in place: the views are set as ``.grad`` before any backward.
+    """
+
+    def __init__(self, layers: dict[str, MultiSlotLinear]):
+        params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+        slots, device = params[0].shape[0], params[0].device
+        sizes = [p[0].numel() for p in params]
+        self.data = torch.empty(slots, sum(sizes), device=device)
+        self.grad = torch.zeros_like(self.data)
+        self.spans: list[tuple[int, int, torch.Size]] = []
+        """(start, end, per-slot shape) of each factor in a slot's row, layer by layer, A then B."""
+        start = 0
+        with torch.no_grad():
+            for p, n in zip(params, sizes):
+                view = self.data[:, start:start + n].view(p.shape)
+                view.copy_(p.data)
+                p.data = view
+                p.grad = self.grad[:, start:start + n].view(p.shape)
+                self.spans.append((start, start + n, p.shape[1:]))
+                start += n
+        self.layers = layers
+
+    def unpack(self, row: torch.Tensor, fold_scale: bool = True) -> Lora:
+        """A slot's row (P,), e.g. copied to the host, as a Lora (scaling folded into B)."""
+        out = {}
+        for k, (name, layer) in enumerate(self.layers.items()):
+            (a0, a1, a_shape), (b0, b1, b_shape) = self.spans[2 * k], self.spans[2 * k + 1]
+            s = layer.scale if fold_scale else 1.0
+            out[name] = LoraPair(row[a0:a1].view(a_shape).clone(), row[b0:b1].view(b_shape) * s)
+        return out
 
 
 # --------------------------------------------------------------------------- slot I/O

@@ -24,7 +24,7 @@ from torch import nn
 from .config import LoraTrainConfig
 from .fused import apply_fused
 from .lora import Lora
-from .multilora import get_stacked, init_stacked, inject, restore, set_merged, set_stacked
+from .multilora import FlatFactors, init_stacked, inject, restore, set_merged, set_stacked
 
 IGNORE = -100
 
@@ -128,6 +128,19 @@ class _Slot:
     step: int = 0          # optimizer steps taken
     micro: int = 0         # micro-batch index inside the current window
     losses: list[float] = field(default_factory=list)
+    failed: bool = False   # its loss went non-finite (found one iteration late; its result is out)
+
+
+@dataclass
+class _ReadBack:
+    """One optimizer step's results on their way to the host: the stepped slots' window losses and the
+    factors of the jobs that took their last step. Read one iteration later, so the host never waits
+    for the GPU to drain (it waits for the previous iteration while this one runs)."""
+
+    entries: list[tuple[int, _Slot, int]]   # (slot, its job's state then, the step taken: 0-based)
+    losses: torch.Tensor                    # (k,) float64 on the host, filled once ``ready`` has passed
+    rows: dict[int, torch.Tensor]           # slot -> its factors row (P,) on the host, for finished jobs
+    ready: torch.cuda.Event | None          # None on the CPU (copies done at once)
 
 
 class MultiSlotTrainer:
@@ -148,9 +161,10 @@ class MultiSlotTrainer:
         self.device = next(model.parameters()).device
         self.router, self.layers = inject(model, cfg.target_modules, slots, cfg.rank, merged_rank,
                                           cfg.alpha / cfg.rank, cfg.dropout)
-        self.params = [p for layer in self.layers.values() for p in (layer.lora_A, layer.lora_B)]
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.factors = FlatFactors(self.layers)
+        """Every slot's trainable factors (and gradients) as one (S, P) row each: the optimizer's unit."""
+        self.exp_avg = torch.zeros_like(self.factors.data)
+        self.exp_avg_sq = torch.zeros_like(self.factors.data)
         self.body = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
@@ -179,11 +193,8 @@ class MultiSlotTrainer:
         else:
             init_stacked(self.layers, s, torch.Generator().manual_seed(user_seed(job.seed, job.user_id)))
         with torch.no_grad():
-            for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-                m[s].zero_()
-                v[s].zero_()
-                if p.grad is not None:
-                    p.grad[s].zero_()
+            for t in (self.exp_avg, self.exp_avg_sq, self.factors.grad):
+                t[s].zero_()
         windows = plan_windows(len(job.examples), self.cfg, user_seed(job.seed, job.user_id))
         tokens = [sum(job.examples[i].target_tokens for mb in w for i in mb) for w in windows]
         return _Slot(job, windows, tokens)
@@ -192,18 +203,16 @@ class MultiSlotTrainer:
         """Train every job; results in completion order, returned or, with ``on_result``, handed to it
         as they come (and not kept: a long-running feed of jobs does not pile up adapters here).
 
-        ``jobs`` is iterated afresh whenever a slot frees up, so an iterator that stops while empty and
+        ``jobs`` is iterated afresh whenever a slot is free, so an iterator that stops while empty and
         resumes later (``continuous._Feed``) keeps feeding the same run.
+
+        Losses (and finished adapters) reach the host one iteration late (:class:`_ReadBack`): a slot
+        whose loss went non-finite has run one more micro-batch by then (its own rows only) and fails.
         """
         queue: Iterator[Job] = iter(jobs)
         state: list[_Slot | None] = [None] * self.slots
         results: list[JobResult] = []
         emit = on_result or results.append
-
-        def finish(s: int, result: JobResult) -> None:
-            emit(result)
-            state[s] = None
-            refill(s)
 
         def refill(s: int) -> None:
             for job in queue:
@@ -216,36 +225,78 @@ class MultiSlotTrainer:
         for s in range(self.slots):
             refill(s)
         self.model.train()
+        pending: _ReadBack | None = None
         while any(st is not None for st in state):
             busy = [s for s in range(self.slots) if state[s] is not None]
             self.iterations += 1
             self.slot_iterations += len(busy)
             self._forward_backward(state, busy)
-            done_window = []
+            stepping = []
             for s in busy:
                 st = state[s]
                 st.micro += 1
                 if st.micro == len(st.windows[st.step]):
-                    done_window.append(s)
-            if not done_window:
-                continue  # nothing read back: the host goes straight on to the next pass
-            self._optimizer_step(state, done_window)
-            window_losses = self._window_loss[done_window].tolist()  # the one read-back per optimizer step
-            self._window_loss[done_window] = 0.0
-            for s, window_loss in zip(done_window, window_losses):
-                st = state[s]
-                if not math.isfinite(window_loss):
-                    finish(s, JobResult(st.job.user_id, None, st.losses, st.step, "failed",
-                                        f"non-finite loss at step {st.step + 1}"))
-                    continue
-                st.losses.append(window_loss)
-                st.step += 1
-                st.micro = 0
-                if st.step == len(st.windows):
-                    finish(s, JobResult(st.job.user_id, get_stacked(self.layers, s), st.losses, st.step))
+                    stepping.append(s)
+            launched = None
+            if stepping:
+                launched = self._read_back(state, stepping, self._optimizer_step(state, stepping))
+                for s in stepping:
+                    st = state[s]
+                    st.step, st.micro = st.step + 1, 0
+                    if st.step == len(st.windows):
+                        state[s] = None  # done: its factors are on their way to the host
+            if pending is not None:
+                self._settle(pending, state, emit)  # meanwhile the GPU runs this iteration
+            pending = launched
+            for s in range(self.slots):
+                if state[s] is None:
+                    refill(s)
+        if pending is not None:
+            self._settle(pending, state, emit)
         self.router.rows = None
         self.model.eval()
         return results
+
+    def _read_back(self, state: list[_Slot | None], stepping: list[int], idx: torch.Tensor) -> _ReadBack:
+        """Queue the copies of the stepped slots' window losses (then zeroed) and of the factors of the
+        jobs that have just taken their last step, without waiting for them."""
+        losses = self._window_loss.index_select(0, idx)
+        self._window_loss.index_fill_(0, idx, 0.0)
+        entries = [(s, state[s], state[s].step) for s in stepping]
+        rows = {s: self._to_host(self.factors.data[s]) for s, st, step in entries if step + 1 == len(st.windows)}
+        host_losses = self._to_host(losses)
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return _ReadBack(entries, host_losses, rows, ready)
+
+    def _settle(self, back: _ReadBack, state: list[_Slot | None], emit: Callable[[JobResult], None]) -> None:
+        """Book a read-back's losses: a non-finite one fails its job (and frees its slot if it still
+        holds it); a job's last step emits its adapter."""
+        if back.ready is not None:
+            back.ready.synchronize()
+        for (s, st, step), loss in zip(back.entries, back.losses.tolist()):
+            if st.failed:
+                continue
+            if not math.isfinite(loss):
+                st.failed = True
+                emit(JobResult(st.job.user_id, None, st.losses, step, "failed",
+                               f"non-finite loss at step {step + 1}"))
+                if state[s] is st:
+                    state[s] = None
+                continue
+            st.losses.append(loss)
+            if s in back.rows and step + 1 == len(st.windows):
+                emit(JobResult(st.job.user_id, self.factors.unpack(back.rows[s]), st.losses, step + 1))
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of ``t`` on the host; on CUDA into pinned memory, without waiting (valid once an event
+        recorded after it has passed)."""
+        if self.device.type != "cuda":
+            return t.detach().clone()
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
 
     # ------------------------------------------------------------------ one iteration
     def _forward_backward(self, state: list[_Slot | None], busy: list[int]) -> None:
@@ -308,29 +359,29 @@ class MultiSlotTrainer:
 
     # ------------------------------------------------------------------ per-slot AdamW
     @torch.no_grad()
-    def _optimizer_step(self, state: list[_Slot | None], slots: list[int]) -> None:
-        """AdamW (torch's arithmetic) with per-slot clipping, LR and step count, for ``slots`` only."""
-        idx = self._to_device(torch.tensor(slots))
+    def _optimizer_step(self, state: list[_Slot | None], slots: list[int]) -> torch.Tensor:
+        """AdamW (torch's arithmetic) with per-slot clipping, LR and step count, for ``slots`` only: a few
+        kernels over their rows of the flat factors. Returns the slots' index on the device."""
         cfg, (b1, b2) = self.cfg, self.betas
-        grads = [p.grad.index_select(0, idx) if p.grad is not None else torch.zeros_like(p[idx])
-                 for p in self.params]
+        idx = self._to_device(torch.tensor(slots))
+        per_slot = self._to_device(torch.tensor(
+            [[cfg.lr * lr_multiplier(state[s].step, len(state[s].windows), cfg),
+              1 - b1 ** (state[s].step + 1), (1 - b2 ** (state[s].step + 1)) ** 0.5] for s in slots]))
+        lr, bc1, bc2_sqrt = per_slot[:, 0:1], per_slot[:, 1:2], per_slot[:, 2:3]               # (k, 1) each
+        flat = self.factors
+        g = flat.grad.index_select(0, idx)                                                      # (k, P)
         if cfg.max_grad_norm > 0:
-            sq = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)                        # (k,)
-            coef = (cfg.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-            grads = [g * coef.view(-1, 1, 1) for g in grads]
-        steps = [state[s].step + 1 for s in slots]
-        lrs = [cfg.lr * lr_multiplier(state[s].step, len(state[s].windows), cfg) for s in slots]
-        lr = self._to_device(torch.tensor(lrs)).view(-1, 1, 1)
-        bc1 = self._to_device(torch.tensor([1 - b1 ** t for t in steps])).view(-1, 1, 1)
-        bc2_sqrt = self._to_device(torch.tensor([(1 - b2 ** t) ** 0.5 for t in steps])).view(-1, 1, 1)
-        for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
-            w, m, v = p.data[idx], m_all[idx], v_all[idx]
-            if cfg.weight_decay:
-                w = w * (1 - lr * cfg.weight_decay)
-            m = m.lerp(g, 1 - b1)
-            v = v * b2 + (1 - b2) * g * g
-            denom = v.sqrt() / bc2_sqrt + self.eps
-            w = w - (lr / bc1) * m / denom
-            p.data[idx], m_all[idx], v_all[idx] = w, m, v
-            if p.grad is not None:
-                p.grad[idx] = 0
+            norm = g.pow(2).sum(1, keepdim=True).sqrt()
+            g.mul_((cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+        m = self.exp_avg.index_select(0, idx).lerp_(g, 1 - b1)
+        v = self.exp_avg_sq.index_select(0, idx).mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.exp_avg.index_copy_(0, idx, m)
+        self.exp_avg_sq.index_copy_(0, idx, v)
+        w = flat.data.index_select(0, idx)
+        if cfg.weight_decay:
+            w.mul_(1 - lr * cfg.weight_decay)
+        denom = v.sqrt_().div_(bc2_sqrt).add_(self.eps)
+        w.sub_(m.div_(denom).mul_(lr / bc1))
+        flat.data.index_copy_(0, idx, w)
+        flat.grad.index_fill_(0, idx, 0.0)
+        return idx

@@ -5,7 +5,7 @@ import torch
 
 from mta_ray.lora import (LoraPair, delta, fold_into, load_peft, merge, merge_delta, merge_params, save_peft,
                           stack)
-from mta_ray.multilora import inject, set_merged, set_stacked, target_module_names
+from mta_ray.multilora import FlatFactors, get_stacked, inject, set_merged, set_stacked, target_module_names
 from tests.tiny import random_lora, tiny_gemma, tiny_llama, tiny_qwen2
 
 
@@ -90,6 +90,31 @@ def test_each_row_uses_its_own_slot():
         fold_into(one, stack(loras[s], {k: LoraPair(p.A, 2.0 * p.B) for k, p in stacked[s].items()}))
         with torch.no_grad():
             assert torch.allclose(out[n], one(ids[n:n + 1]).logits[0], atol=1e-5)
+
+
+def test_flat_factors_alias_the_layers_and_gather_their_gradients():
+    """After flattening, each layer's factors and gradients are views of one (S, P) row per slot: slot
+    writes show in the row, a backward fills the flat gradient, a row unpacks to the slot's adapter."""
+    model = tiny_llama()
+    names = target_module_names(model, ["all-linear"])
+    router, layers = inject(model, ["all-linear"], slots=2, rank=2, scale=2.0)
+    before = random_lora(tiny_llama(), names, 2, 5)
+    set_stacked(layers, 1, before)
+    flat = FlatFactors(layers)
+    assert flat.data.shape == (2, sum(p[0].numel() for lay in layers.values() for p in (lay.lora_A, lay.lora_B)))
+    for name, pair in flat.unpack(flat.data[1], fold_scale=False).items():  # values kept through the move
+        assert torch.equal(pair.A, before[name].A) and torch.equal(pair.B, before[name].B)
+    after = random_lora(tiny_llama(), names, 2, 6)
+    set_stacked(layers, 0, after)                                             # a write through a layer ...
+    for name, pair in flat.unpack(flat.data[0]).items():                      # ... is in slot 0's row
+        want = get_stacked(layers, 0)[name]
+        assert torch.equal(pair.A, want.A) and torch.allclose(pair.B, want.B)
+    router.rows = torch.tensor([0, 0])
+    model(torch.randint(0, 96, (2, 5))).logits.sum().backward()
+    assert flat.grad[0].abs().sum() > 0 and flat.grad[1].abs().sum() == 0     # only slot 0's rows ran
+    first = next(iter(layers.values()))
+    assert first.lora_A.grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
+    assert torch.equal(first.lora_A.grad, flat.grad[:, :first.lora_A[0].numel()].view_as(first.lora_A))
 
 
 def test_peft_export_loads_with_peft_and_reproduces_our_logits(tmp_path):
