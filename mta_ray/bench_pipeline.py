@@ -132,12 +132,10 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
         finally:
             stop_workers(pool)
         rate = result["trained"] / seconds
-        busy = [{**{k: round(v, 1) if isinstance(v, float) else v for k, v in st.items()},
-                 "busy_fraction": round(st["busy_s"] / seconds, 3),
-                 "occupancy": round(st["slot_iterations"] / max(1, st["iterations"] * cfg.adapt.slots), 3),
-                 "s_per_iteration": round(st["busy_s"] / max(1, st["iterations"]), 4)} for st in stats]
+        busy = [worker_timeline(st, t0, seconds, cfg.adapt.slots) for st in stats]
         rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
-                     "seconds": round(seconds, 1), "users_per_s": round(rate, 3), "worker_load_s": round(load_s, 1),
+                     "seconds": round(seconds, 1), "users_per_s": round(rate, 3),
+                     "driver_storing_s": result.get("storing_s"), "worker_load_s": round(load_s, 1),
                      "warm_up_s": round(warm_s, 1), "warm_up_users": len(warm_call), "worker_busy": busy,
                      "worker_memory": memory})
         rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
@@ -145,6 +143,27 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
         print(f"bench pipeline: personalize on {n} GPU(s): {rate:.3f} users/s "
               f"({result['trained']} users in {seconds:.1f}s), speed-up {rows[-1]['speedup']}x", flush=True)
     return rows
+
+
+def worker_timeline(stats: dict[str, Any], t0: float, seconds: float, slots: int) -> dict[str, Any]:
+    """One worker's ``train_stats`` over a timed run that started at wall time ``t0``: its counters,
+    busy fraction, occupancy, seconds per iteration, and when it sat idle (before its first trainer
+    run, between runs, after its last), with its calls' (arrived, queued, returned) and its runs'
+    (start, end) as seconds since ``t0``: where a worker lost time, and whether the call was late."""
+    stats = dict(stats)
+    calls, runs = stats.pop("spans", []), stats.pop("run_spans", [])
+    row: dict[str, Any] = {k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()}
+    row.update(busy_fraction=round(stats["busy_s"] / seconds, 3),
+               occupancy=round(stats["slot_iterations"] / max(1, stats["iterations"] * slots), 3),
+               s_per_iteration=round(stats["busy_s"] / max(1, stats["iterations"]), 4))
+    runs = sorted((a - t0, b - t0) for a, b in runs)
+    if runs:
+        row["idle_s"] = {"before_first_run": round(runs[0][0], 2),
+                         "between_runs": round(sum(b[0] - a[1] for a, b in zip(runs, runs[1:])), 2),
+                         "after_last_run": round(seconds - runs[-1][1], 2)}
+    row["run_timeline"] = [[round(a, 2), round(b, 2)] for a, b in runs]
+    row["call_timeline"] = [[round(a - t0, 2), round(q - t0, 2), round(d - t0, 2), n] for a, q, d, n in sorted(calls)]
+    return row
 
 
 def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: Path | None = None) -> dict:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 from .trainer import Job, JobResult, MultiSlotTrainer
 
@@ -57,6 +57,7 @@ class ContinuousTrainer:
         self.busy_seconds = 0.0
         self.iterations = 0
         self.slot_iterations = 0
+        self.run_spans: list[tuple[float, float]] = []
 
     def train(self, key: Hashable, jobs: list[Job], build: Callable[[], MultiSlotTrainer]) -> list[JobResult]:
         """Queue ``jobs`` and wait for their results (completion order). A trainer error raises here
@@ -76,12 +77,14 @@ class ContinuousTrainer:
             raise ticket.error
         return ticket.results
 
-    def take_stats(self) -> dict[str, float]:
-        """The counters since the last call (then zeroed): runs, busy seconds, iterations, busy slots."""
+    def take_stats(self) -> dict[str, Any]:
+        """The counters since the last call (then zeroed): runs, busy seconds, iterations, busy slots,
+        and each run's (start, end) wall time."""
         with self._cond:
             stats = {"runs": self.runs, "busy_s": self.busy_seconds, "iterations": self.iterations,
-                     "slot_iterations": self.slot_iterations}
+                     "slot_iterations": self.slot_iterations, "run_spans": self.run_spans}
             self.runs, self.busy_seconds, self.iterations, self.slot_iterations = 0, 0.0, 0, 0
+            self.run_spans = []
         return stats
 
     # ------------------------------------------------------------------ the training thread
@@ -114,7 +117,7 @@ class ContinuousTrainer:
                     feed.tickets.pop(id(ticket), None)
                     self._cond.notify_all()
 
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         trainer = None
         try:
             with self.gpu_lock:
@@ -134,6 +137,7 @@ class ContinuousTrainer:
             with self._cond:
                 self.runs += 1
                 self.busy_seconds += time.perf_counter() - t0
+                self.run_spans.append((started, time.time()))
                 if trainer is not None:
                     self.iterations += trainer.iterations
                     self.slot_iterations += trainer.slot_iterations

@@ -32,6 +32,15 @@ def scaled(lora: Lora, scale: float) -> Lora:
     return {name: LoraPair(p.A, p.B * scale) for name, p in lora.items()}
 
 
+def staged(lora: Lora, dtype: torch.dtype, pin: bool) -> Lora:
+    """``lora`` in ``dtype`` (pinned when ``pin``): prepared on the host, beside the GPU, so loading it
+    into a GPU slot is a plain copy that does not make the host wait."""
+    def prep(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dtype)
+        return t.pin_memory() if pin else t
+    return {name: LoraPair(prep(p.A), prep(p.B)) for name, p in lora.items()}
+
+
 def delta(pair: LoraPair) -> torch.Tensor:
     """The dense weight update ``B @ A`` (out, in)."""
     return pair.B @ pair.A

@@ -157,6 +157,15 @@ class FlatFactors:
                 start += n
         self.layers = layers
 
+    def init_row(self, generator: torch.Generator) -> torch.Tensor:
+        """A slot's row (P,) on the host with PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)),
+        B = 0 (training starts at the base); loading a slot is then one copy, not one per layer."""
+        row = torch.zeros(self.data.shape[1])
+        for k, bound in enumerate(init_bounds(self.layers)):
+            a0, a1, shape = self.spans[2 * k]
+            row[a0:a1].view(shape).uniform_(-bound, bound, generator=generator)
+        return row
+
     def unpack(self, row: torch.Tensor, fold_scale: bool = True) -> Lora:
         """A slot's row (P,), e.g. copied to the host, as a Lora (scaling folded into B)."""
         out = {}
@@ -179,8 +188,8 @@ def _write_slot(A_all: torch.Tensor, B_all: torch.Tensor, slot: int, pair: LoraP
     k = A.shape[0]
     if k > A_all.shape[1]:
         raise ValueError(f"adapter rank {k} exceeds the layer's capacity {A_all.shape[1]}")
-    A_all[slot, :k] = A.to(A_all)
-    B_all[slot, :, :k] = B.to(B_all)
+    A_all[slot, :k].copy_(A, non_blocking=A.is_pinned())  # pinned: the host does not wait for the GPU
+    B_all[slot, :, :k].copy_(B, non_blocking=B.is_pinned())
 
 
 @torch.no_grad()
@@ -197,16 +206,9 @@ def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> Non
         _write_slot(layer.lora_A, layer.lora_B, slot, raw.get(name))
 
 
-@torch.no_grad()
-def init_stacked(layers: dict[str, MultiSlotLinear], slot: int, generator: torch.Generator) -> None:
-    """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0 (so training starts at the base)."""
-    for layer in layers.values():
-        fan_in = layer.lora_A.shape[2]
-        bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_ with a=sqrt(5)
-        a = torch.empty(layer.lora_A.shape[1:], dtype=torch.float32)
-        a.uniform_(-bound, bound, generator=generator)
-        layer.lora_A[slot] = a.to(layer.lora_A)
-        layer.lora_B[slot].zero_()
+def init_bounds(layers: dict[str, MultiSlotLinear]) -> list[float]:
+    """PEFT's default init of A, kaiming-uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in), per layer."""
+    return [1.0 / math.sqrt(layer.lora_A.shape[2]) for layer in layers.values()]
 
 
 @torch.no_grad()

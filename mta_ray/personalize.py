@@ -64,10 +64,11 @@ def retrieval_plan(cfg: Config, out: Path, user_ids: list[str],
 
 
 def chunk_size(remaining: int, slots: int, workers: int) -> int:
-    """Users for the next call: at most one slot-fill, and less near the end (half of each worker's
-    remaining share), so workers run out of users together. Small calls cost no occupancy: a worker's
-    continuous trainer refills its slots across calls."""
-    return max(1, min(slots, math.ceil(remaining / (2 * workers))))
+    """Users for the next call: at most half a slot-fill, and less near the end (half of each worker's
+    remaining share), so workers run out of users together. Small calls cost no occupancy (a worker's
+    continuous trainer refills its slots across calls) and come back soon (a call returns when its
+    last user is trained), so the driver sees a worker's free room early."""
+    return max(1, min(math.ceil(slots / 2), math.ceil(remaining / (2 * workers))))
 
 
 def queued_users(slots: int) -> int:
@@ -132,6 +133,7 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
         queued = queued_users(cfg.adapt.slots)
         in_flight: dict[Any, tuple[int, dict[str, dict]]] = {}
         dispatched = 0
+        storing_s = 0.0  # the driver fetching and storing results (it dispatches nothing meanwhile)
         try:
             while True:
                 while True:  # top up the least loaded worker until every one holds its share
@@ -142,12 +144,14 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
                         pending, chunk_size(max(1, expected - dispatched), cfg.adapt.slots, len(pool))))
                     if not chunk:
                         break
-                    in_flight[pool[w].train.remote(kind, chunk, cfg, bank)] = (w, {u["user_id"]: u for u in chunk})
+                    call = pool[w].train.remote(kind, chunk, cfg, bank, packed=True)
+                    in_flight[call] = (w, {u["user_id"]: u for u in chunk})
                     load[w] += len(chunk)
                     dispatched += len(chunk)
                 if not in_flight:
                     break
                 (ref,), _ = ray.wait(list(in_flight), num_returns=1)
+                t_result = time.perf_counter()
                 w, by_id = in_flight.pop(ref)
                 load[w] -= len(by_id)
                 for r in ray.get(ref):
@@ -156,12 +160,15 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
                               r["status"], r["error"])
                     finished += 1
                     failed += r["status"] != "ok"
+                storing_s += time.perf_counter() - t_result
                 rate = finished / max(1e-9, time.time() - t0)
                 eta = max(0, expected - finished) / max(rate, 1e-9)
                 print(f"personalize[{kind}]: {finished}/{expected} users, {rate:.2f} users/s, ETA {eta:.0f}s"
                       + (f", {failed} failed" if failed else ""), flush=True)
         finally:
+            t_flush = time.perf_counter()
             store.flush()
+            storing_s += time.perf_counter() - t_flush
     save_resolved(cfg, out, f"personalize-{label or kind}")
     return {"kind": kind, "trained": finished, "failed": failed, "stored": len(done) + finished,
-            "skipped": False, "seconds": round(time.time() - t0, 1)}
+            "skipped": False, "seconds": round(time.time() - t0, 1), "storing_s": round(storing_s, 2)}

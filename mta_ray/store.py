@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,12 +35,24 @@ INDEX_SCHEMA = pa.schema([
 ])
 
 
+class Packed(NamedTuple):
+    """An adapter as the store keeps it: one flat bf16 vector and the layout that reads it back. A worker
+    packs its users' adapters itself, so half the bytes cross to the driver and the driver only writes."""
+
+    vector: torch.Tensor
+    layout: list[list[Any]]
+
+
 def _layout_of(lora: Lora) -> list[list[Any]]:
     return [[name, list(p.A.shape), list(p.B.shape)] for name, p in sorted(lora.items())]
 
 
 def flatten(lora: Lora) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for _, p in sorted(lora.items()) for t in (p.A, p.B)]).to(torch.bfloat16)
+
+
+def pack(lora: Lora) -> Packed:
+    return Packed(flatten(lora), _layout_of(lora))
 
 
 def unflatten(vec: torch.Tensor, layout: list[list[Any]]) -> Lora:
@@ -88,18 +100,17 @@ class AdapterStore:
         return {r["user_id"]: r for r in self.index().to_pylist()}
 
     # ------------------------------------------------------------------ writing
-    def add(self, user_id: str, lora: Lora | None, anchors: list[str], weights: list[float], steps: int,
+    def add(self, user_id: str, lora: Lora | Packed | None, anchors: list[str], weights: list[float], steps: int,
             final_loss: float, status: str = "ok", error: str = "") -> None:
         vec = None
         if lora is not None:
-            layout = _layout_of(lora)
+            vec, layout = lora if isinstance(lora, Packed) else pack(lora)
             if self._layout is None:
                 self.path.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(self.path / "layout.json", json.dumps(layout))
                 self._layout = layout
             elif layout != self._layout:
                 raise ValueError("adapter layout differs from the store's layout.json")
-            vec = flatten(lora)
         row = {"user_id": user_id, "anchors": anchors, "weights": weights, "steps": steps,
                "final_loss": final_loss, "status": status, "error": error}
         self._pending.append((row, vec))

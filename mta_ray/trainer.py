@@ -24,7 +24,7 @@ from torch import nn
 from .config import LoraTrainConfig
 from .fused import apply_fused
 from .lora import Lora
-from .multilora import FlatFactors, init_stacked, inject, restore, set_merged, set_stacked
+from .multilora import FlatFactors, inject, restore, set_merged, set_stacked
 
 IGNORE = -100
 
@@ -191,7 +191,8 @@ class MultiSlotTrainer:
         if job.init is not None:
             set_stacked(self.layers, s, job.init)
         else:
-            init_stacked(self.layers, s, torch.Generator().manual_seed(user_seed(job.seed, job.user_id)))
+            row = self.factors.init_row(torch.Generator().manual_seed(user_seed(job.seed, job.user_id)))
+            self.factors.data[s].copy_(self._pinned(row), non_blocking=True)
         with torch.no_grad():
             for t in (self.exp_avg, self.exp_avg_sq, self.factors.grad):
                 t[s].zero_()
@@ -356,6 +357,10 @@ class MultiSlotTrainer:
         if self.device.type != "cuda":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in pinned memory on CUDA (a copy from it need not wait for the GPU), as is on the CPU."""
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     # ------------------------------------------------------------------ per-slot AdamW
     @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 
 from .config import Config, LoraTrainConfig
 from .encoding import encode_prompt, user_examples
-from .lora import Lora, load_peft, merge
+from .lora import Lora, load_peft, merge, staged
 from .continuous import ContinuousTrainer
 from .tasks import get_task
 from .trainer import Job, MultiSlotTrainer
@@ -63,7 +63,7 @@ class ModelWorker:
         self._gpu = threading.Lock()
         self._cache_lock = threading.Lock()
         self._trainer = ContinuousTrainer(self._gpu)
-        self._call_stats = {"calls": 0, "users": 0, "setup_s": 0.0}
+        self._call_stats = self._fresh_call_stats()
         self._stats_lock = threading.Lock()
 
     def _bank(self, bank_dir: str | None) -> dict[str, Lora]:
@@ -100,14 +100,19 @@ class ModelWorker:
                 "reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 2),
                 "device_gib": round(torch.cuda.get_device_properties(0).total_memory / gib, 2)}
 
-    def train_stats(self) -> dict[str, float]:
+    def train_stats(self) -> dict[str, Any]:
         """Since the last query: ``train`` calls and their users, seconds spent preparing them (CPU,
-        beside the GPU), trainer runs (each ends with its slots drained), the seconds the trainer ran,
-        its iterations and busy slots summed over them: the benchmarks tell a worker's busy time from
-        its waiting time, and slow iterations from empty slots, with them."""
+        beside the GPU), each call's (arrived, queued, returned) wall times and users; trainer runs
+        (each ends with its slots drained), their (start, end) wall times, the seconds they ran, their
+        iterations and busy slots: the benchmarks tell a worker's busy time from its waiting time, slow
+        iterations from empty slots, and a late call from a slow one, with them."""
         with self._stats_lock:
-            calls, self._call_stats = self._call_stats, {"calls": 0, "users": 0, "setup_s": 0.0}
+            calls, self._call_stats = self._call_stats, self._fresh_call_stats()
         return {**calls, **self._trainer.take_stats()}
+
+    @staticmethod
+    def _fresh_call_stats() -> dict[str, Any]:
+        return {"calls": 0, "users": 0, "setup_s": 0.0, "spans": []}
 
     def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
                    bank_dir: str | None = None) -> Lora | None:
@@ -117,12 +122,16 @@ class ModelWorker:
         return merge([bank[a] for a in anchors], weights, cfg.merge.space)
 
     def train(self, kind: str, users: list[dict[str, Any]], cfg: Config | None = None,
-              bank_dir: str | None = None) -> list[dict[str, Any]]:
+              bank_dir: str | None = None, packed: bool = False) -> list[dict[str, Any]]:
         """Train one adapter per user; ``users``: {user_id, history, anchors, weights, negatives?}.
 
         ``cfg`` overrides the training settings of this call (the base model stays the one loaded);
-        ``bank_dir`` picks the bank the anchors come from (default: the worker's).
+        ``bank_dir`` picks the bank the anchors come from (default: the worker's); ``packed``: return
+        each adapter as the store keeps it (``store.Packed``, bf16) rather than as a Lora.
         """
+        from .store import pack
+
+        arrived = time.time()
         t0 = time.perf_counter()
         cfg = cfg or self.cfg
         tcfg = train_config(cfg, kind)
@@ -134,6 +143,8 @@ class ModelWorker:
                                                 u.get("negatives", ()))]
             merged = (self.merged_for(u.get("anchors", []), u.get("weights", []), cfg, bank_dir)
                       if kind == "mta" else None)
+            if merged is not None:  # the GPU thread only copies it into a slot
+                merged = staged(merged, self.model.dtype, pin=self.device == "cuda")
             jobs.append(Job(u["user_id"], examples, merged=merged, seed=cfg.seed))
         R = merged_rank(cfg) if kind == "mta" else 0
         slots, max_rows = max(1, cfg.adapt.slots), cfg.adapt.max_rows
@@ -147,9 +158,14 @@ class ModelWorker:
                                     pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, max_rows=max_rows)
 
         # Calls with equal training settings share the running trainer (and its slots).
+        queued = time.time()
         results = self._trainer.train(repr((tcfg, R, slots, max_rows, cfg.seed)), jobs, build)
-        return [{"user_id": r.user_id, "lora": r.lora, "steps": r.steps, "final_loss": r.final_loss,
-                 "status": r.status, "error": r.error} for r in results]
+        out = [{"user_id": r.user_id, "lora": pack(r.lora) if packed and r.lora is not None else r.lora,
+                "steps": r.steps, "final_loss": r.final_loss, "status": r.status, "error": r.error}
+               for r in results]
+        with self._stats_lock:
+            self._call_stats["spans"].append((arrived, queued, time.time(), len(users)))
+        return out
 
     def generate(self, requests: list[dict[str, Any]], targets: list[str], cfg: Config | None = None,
                  bank_dir: str | None = None) -> list[str]:

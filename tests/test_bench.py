@@ -84,6 +84,11 @@ def test_bench_pipeline_measures_every_stage_then_scaling(tmp_path):
     (busy,) = one["worker_busy"]  # the warm-up call is not counted; the timed calls cover every user
     assert busy["users"] == 8 and busy["calls"] >= 1 and 0 < busy["busy_fraction"] <= 1.0
     assert busy["runs"] >= 1 and one["warm_up_users"] >= 1
+    assert len(busy["run_timeline"]) == busy["runs"] and sum(c[3] for c in busy["call_timeline"]) == 8
+    for arrived, queued, returned, _ in busy["call_timeline"]:  # seconds into the timed run
+        assert -1 < arrived <= queued <= returned <= one["seconds"] + 1
+    assert sum(busy["idle_s"].values()) == pytest.approx(one["seconds"] - busy["busy_s"], abs=1.0)
+    assert one["driver_storing_s"] >= 0
     assert [r["gpus"] for r in result["scaling_not_run"]] == [2]
     assert result["fits_budget"] is None and result["budget_gib"] == 44.0
     assert (tmp_path / "bench-pipeline-all.config.yaml").is_file()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mta_ray.lora import LoraPair
-from mta_ray.store import AdapterStore
+from mta_ray.store import AdapterStore, pack
 
 
 def _lora(seed):
@@ -34,6 +34,19 @@ def test_round_trip_in_bf16_and_index_rows(tmp_path):
     data = (tmp_path / "s" / r["shard"]).read_bytes()[r["offset"]:r["offset"] + 2 * r["numel"]]
     vec = torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
     assert torch.allclose(vec[:32].float(), _lora(1)["layers.0.q_proj"].A.reshape(-1).to(torch.bfloat16).float())
+
+
+def test_a_packed_adapter_is_stored_as_the_adapter_itself(tmp_path):
+    """Workers pack adapters before returning them: the store keeps the same bytes either way."""
+    a, b = AdapterStore(tmp_path / "a"), AdapterStore(tmp_path / "b")
+    a.add("u", _lora(7), [], [], steps=1, final_loss=0.1)
+    b.add("u", pack(_lora(7)), [], [], steps=1, final_loss=0.1)
+    a.flush(), b.flush()
+    got_a, got_b = a.load(a.rows_by_user()["u"]), b.load(b.rows_by_user()["u"])
+    for name in _lora(7):
+        assert torch.equal(got_a[name].A, got_b[name].A) and torch.equal(got_a[name].B, got_b[name].B)
+    with pytest.raises(ValueError, match="layout"):
+        b.add("v", pack({"layers.0.q_proj": _lora(8)["layers.0.q_proj"]}), [], [], steps=1, final_loss=0.1)
 
 
 def test_unflushed_users_are_not_stored_and_orphan_shards_are_skipped(tmp_path):
