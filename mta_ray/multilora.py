@@ -209,14 +209,3 @@ def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> Non
 def init_bounds(layers: dict[str, MultiSlotLinear]) -> list[float]:
     """PEFT's default init of A, kaiming-uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in), per layer."""
     return [1.0 / math.sqrt(layer.lora_A.shape[2]) for layer in layers.values()]
-
-
-@torch.no_grad()
-def get_stacked(layers: dict[str, MultiSlotLinear], slot: int, fold_scale: bool = True) -> Lora:
-    """One slot's trainable factors on the CPU (scaling folded into B unless ``fold_scale=False``)."""
-    out = {}
-    for name, layer in layers.items():
-        s = layer.scale if fold_scale else 1.0
-        out[name] = LoraPair(layer.lora_A[slot].detach().float().cpu().clone(),
-                             (layer.lora_B[slot].detach().float() * s).cpu().clone())
-    return out

@@ -321,7 +321,7 @@ class MultiSlotTrainer:
         Everything data-dependent (padding, which positions are targets, their rows, slots and loss
         weights) is worked out on the host and copied from pinned memory without blocking: a pageable
         copy, a boolean-mask gather or a ``.tolist()`` would make the host wait for the previous pass
-        before it could launch this one (one GPU was 55% busy that way; bench/results/README.md).
+        before it could launch this one (a GPU that waits for its host was 55% busy on the 8B shape).
         """
         rows, weights, examples = [], [], []
         for s in busy:

@@ -5,7 +5,7 @@ import torch
 
 from mta_ray.lora import (LoraPair, delta, fold_into, load_peft, merge, merge_delta, merge_params, save_peft,
                           stack)
-from mta_ray.multilora import FlatFactors, get_stacked, inject, set_merged, set_stacked, target_module_names
+from mta_ray.multilora import FlatFactors, inject, set_merged, set_stacked, target_module_names
 from tests.tiny import random_lora, tiny_gemma, tiny_llama, tiny_qwen2
 
 
@@ -107,8 +107,11 @@ def test_flat_factors_alias_the_layers_and_gather_their_gradients():
     after = random_lora(tiny_llama(), names, 2, 6)
     set_stacked(layers, 0, after)                                             # a write through a layer ...
     for name, pair in flat.unpack(flat.data[0]).items():                      # ... is in slot 0's row
-        want = get_stacked(layers, 0)[name]
-        assert torch.equal(pair.A, want.A) and torch.allclose(pair.B, want.B)
+        assert torch.equal(pair.A, after[name].A) and torch.allclose(pair.B, 2.0 * after[name].B)
+    row = flat.init_row(torch.Generator().manual_seed(3))                     # PEFT's init, seeded
+    assert torch.equal(row, flat.init_row(torch.Generator().manual_seed(3)))
+    for name, pair in flat.unpack(row, fold_scale=False).items():
+        assert pair.A.abs().max() <= 1 / pair.A.shape[1] ** 0.5 and pair.A.std() > 0 and not pair.B.any()
     router.rows = torch.tensor([0, 0])
     model(torch.randint(0, 96, (2, 5))).logits.sum().backward()
     assert flat.grad[0].abs().sum() > 0 and flat.grad[1].abs().sum() == 0     # only slot 0's rows ran
