@@ -43,9 +43,10 @@ class ContinuousTrainer:
     """Queues the jobs of concurrent calls and trains them on one thread, ``key`` by ``key``.
 
     Jobs with equal ``key`` share a trainer (built by the first one's ``build``, under
-    ``gpu_lock``); a different key waits until the running trainer has drained. ``runs`` counts
-    trainers built (each ends with its slots drained); ``busy_seconds`` is their total run time,
-    ``iterations`` and ``slot_iterations`` their iterations and busy slots summed over them.
+    ``gpu_lock``); a different key waits until the running trainer has drained. ``run_spans`` holds
+    each trainer's [start, end] wall time, booked when it starts (end None while it runs, so a call
+    that got its results back already sees its run), ``runs`` and ``busy_seconds`` follow from them;
+    ``iterations`` and ``slot_iterations`` are the finished runs' iterations and busy slots.
     """
 
     def __init__(self, gpu_lock: threading.Lock | None = None):
@@ -53,11 +54,9 @@ class ContinuousTrainer:
         self._cond = threading.Condition()
         self._queue: deque[_Entry] = deque()
         self._thread: threading.Thread | None = None
-        self.runs = 0
-        self.busy_seconds = 0.0
+        self.run_spans: list[list[float | None]] = []
         self.iterations = 0
         self.slot_iterations = 0
-        self.run_spans: list[tuple[float, float]] = []
 
     def train(self, key: Hashable, jobs: list[Job], build: Callable[[], MultiSlotTrainer]) -> list[JobResult]:
         """Queue ``jobs`` and wait for their results (completion order). A trainer error raises here
@@ -79,13 +78,27 @@ class ContinuousTrainer:
 
     def take_stats(self) -> dict[str, Any]:
         """The counters since the last call (then zeroed): runs, busy seconds, iterations, busy slots,
-        and each run's (start, end) wall time."""
+        and each run's (start, end) wall time. A run still going is cut at this call: its time so far
+        is counted here, the rest (and its iterations) next time."""
         with self._cond:
-            stats = {"runs": self.runs, "busy_s": self.busy_seconds, "iterations": self.iterations,
-                     "slot_iterations": self.slot_iterations, "run_spans": self.run_spans}
-            self.runs, self.busy_seconds, self.iterations, self.slot_iterations = 0, 0.0, 0, 0
-            self.run_spans = []
+            now = time.time()
+            spans = [(start, now if end is None else end) for start, end in self.run_spans]
+            stats = {"runs": len(spans), "busy_s": sum(end - start for start, end in spans),
+                     "iterations": self.iterations, "slot_iterations": self.slot_iterations, "run_spans": spans}
+            self.run_spans = [span for span in self.run_spans if span[1] is None]
+            for span in self.run_spans:  # the same lists: the run closes them when it ends
+                span[0] = now
+            self.iterations, self.slot_iterations = 0, 0
         return stats
+
+    @property
+    def runs(self) -> int:
+        return len(self.run_spans)
+
+    @property
+    def busy_seconds(self) -> float:
+        now = time.time()
+        return sum((now if end is None else end) - start for start, end in self.run_spans)
 
     # ------------------------------------------------------------------ the training thread
     def _loop(self) -> None:
@@ -117,7 +130,9 @@ class ContinuousTrainer:
                     feed.tickets.pop(id(ticket), None)
                     self._cond.notify_all()
 
-        t0, started = time.perf_counter(), time.time()
+        span: list[float | None] = [time.time(), None]
+        with self._cond:
+            self.run_spans.append(span)
         trainer = None
         try:
             with self.gpu_lock:
@@ -135,9 +150,7 @@ class ContinuousTrainer:
                 self._cond.notify_all()
         finally:
             with self._cond:
-                self.runs += 1
-                self.busy_seconds += time.perf_counter() - t0
-                self.run_spans.append((started, time.time()))
+                span[1] = time.time()
                 if trainer is not None:
                     self.iterations += trainer.iterations
                     self.slot_iterations += trainer.slot_iterations

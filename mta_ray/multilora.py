@@ -161,8 +161,8 @@ class FlatFactors:
         """A slot's row (P,) on the host with PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)),
         B = 0 (training starts at the base); loading a slot is then one copy, not one per layer."""
         row = torch.zeros(self.data.shape[1])
-        for k, bound in enumerate(init_bounds(self.layers)):
-            a0, a1, shape = self.spans[2 * k]
+        for a0, a1, shape in self.spans[::2]:  # the A factors, (r, fan_in) each
+            bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_ with a=sqrt(5)
             row[a0:a1].view(shape).uniform_(-bound, bound, generator=generator)
         return row
 
@@ -204,8 +204,3 @@ def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> Non
     """Load raw (unscaled) trainable factors into one slot; modules it lacks get zeros."""
     for name, layer in layers.items():
         _write_slot(layer.lora_A, layer.lora_B, slot, raw.get(name))
-
-
-def init_bounds(layers: dict[str, MultiSlotLinear]) -> list[float]:
-    """PEFT's default init of A, kaiming-uniform(a=sqrt(5)): uniform in +-1/sqrt(fan_in), per layer."""
-    return [1.0 / math.sqrt(layer.lora_A.shape[2]) for layer in layers.values()]

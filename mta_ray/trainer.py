@@ -137,9 +137,10 @@ class _ReadBack:
     factors of the jobs that took their last step. Read one iteration later, so the host never waits
     for the GPU to drain (it waits for the previous iteration while this one runs)."""
 
-    entries: list[tuple[int, _Slot, int]]   # (slot, its job's state then, the step taken: 0-based)
+    entries: list[tuple[int, _Slot, int, torch.Tensor | None]]
+    """(slot, its job's state then, the step taken (0-based), and when that was the job's last step its
+    factors row (P,) on the host, else None)."""
     losses: torch.Tensor                    # (k,) float64 on the host, filled once ``ready`` has passed
-    rows: dict[int, torch.Tensor]           # slot -> its factors row (P,) on the host, for finished jobs
     ready: torch.cuda.Event | None          # None on the CPU (copies done at once)
 
 
@@ -192,7 +193,7 @@ class MultiSlotTrainer:
             set_stacked(self.layers, s, job.init)
         else:
             row = self.factors.init_row(torch.Generator().manual_seed(user_seed(job.seed, job.user_id)))
-            self.factors.data[s].copy_(self._pinned(row), non_blocking=True)
+            self.factors.data[s].copy_(self._to_device(row))
         with torch.no_grad():
             for t in (self.exp_avg, self.exp_avg_sq, self.factors.grad):
                 t[s].zero_()
@@ -263,21 +264,24 @@ class MultiSlotTrainer:
         jobs that have just taken their last step, without waiting for them."""
         losses = self._window_loss.index_select(0, idx)
         self._window_loss.index_fill_(0, idx, 0.0)
-        entries = [(s, state[s], state[s].step) for s in stepping]
-        rows = {s: self._to_host(self.factors.data[s]) for s, st, step in entries if step + 1 == len(st.windows)}
+        entries = []
+        for s in stepping:
+            st = state[s]
+            last = st.step + 1 == len(st.windows)
+            entries.append((s, st, st.step, self._to_host(self.factors.data[s]) if last else None))
         host_losses = self._to_host(losses)
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        return _ReadBack(entries, host_losses, rows, ready)
+        return _ReadBack(entries, host_losses, ready)
 
     def _settle(self, back: _ReadBack, state: list[_Slot | None], emit: Callable[[JobResult], None]) -> None:
         """Book a read-back's losses: a non-finite one fails its job (and frees its slot if it still
         holds it); a job's last step emits its adapter."""
         if back.ready is not None:
             back.ready.synchronize()
-        for (s, st, step), loss in zip(back.entries, back.losses.tolist()):
+        for (s, st, step, row), loss in zip(back.entries, back.losses.tolist()):
             if st.failed:
                 continue
             if not math.isfinite(loss):
@@ -288,8 +292,8 @@ class MultiSlotTrainer:
                     state[s] = None
                 continue
             st.losses.append(loss)
-            if s in back.rows and step + 1 == len(st.windows):
-                emit(JobResult(st.job.user_id, self.factors.unpack(back.rows[s]), st.losses, step + 1))
+            if row is not None:
+                emit(JobResult(st.job.user_id, self.factors.unpack(row), st.losses, step + 1))
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         """A copy of ``t`` on the host; on CUDA into pinned memory, without waiting (valid once an event
@@ -357,10 +361,6 @@ class MultiSlotTrainer:
         if self.device.type != "cuda":
             return t
         return t.pin_memory().to(self.device, non_blocking=True)
-
-    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` in pinned memory on CUDA (a copy from it need not wait for the GPU), as is on the CPU."""
-        return t.pin_memory() if self.device.type == "cuda" else t
 
     # ------------------------------------------------------------------ per-slot AdamW
     @torch.no_grad()

@@ -27,6 +27,7 @@ from .config import Config, LoraTrainConfig
 from .encoding import encode_prompt, user_examples
 from .lora import Lora, load_peft, merge, staged
 from .continuous import ContinuousTrainer
+from .store import AdapterStore, pack
 from .tasks import get_task
 from .trainer import Job, MultiSlotTrainer
 
@@ -63,7 +64,8 @@ class ModelWorker:
         self._gpu = threading.Lock()
         self._cache_lock = threading.Lock()
         self._trainer = ContinuousTrainer(self._gpu)
-        self._call_stats = self._fresh_call_stats()
+        self._call_spans: list[tuple[float, float, float, int]] = []
+        """Each ``train`` call's (arrived, queued, returned) wall times and users, since the last query."""
         self._stats_lock = threading.Lock()
 
     def _bank(self, bank_dir: str | None) -> dict[str, Lora]:
@@ -81,8 +83,6 @@ class ModelWorker:
 
     def _store(self, path: str) -> Any:
         """One AdapterStore per folder (its layout is read once, not per request)."""
-        from .store import AdapterStore
-
         with self._cache_lock:
             if path not in self._stores:
                 self._stores[path] = AdapterStore(path)
@@ -107,12 +107,10 @@ class ModelWorker:
         iterations and busy slots: the benchmarks tell a worker's busy time from its waiting time, slow
         iterations from empty slots, and a late call from a slow one, with them."""
         with self._stats_lock:
-            calls, self._call_stats = self._call_stats, self._fresh_call_stats()
-        return {**calls, **self._trainer.take_stats()}
-
-    @staticmethod
-    def _fresh_call_stats() -> dict[str, Any]:
-        return {"calls": 0, "users": 0, "setup_s": 0.0, "spans": []}
+            spans, self._call_spans = self._call_spans, []
+        return {"calls": len(spans), "users": sum(n for *_, n in spans),
+                "setup_s": sum(queued - arrived for arrived, queued, _, _ in spans), "spans": spans,
+                **self._trainer.take_stats()}
 
     def merged_for(self, anchors: list[str], weights: list[float], cfg: Config,
                    bank_dir: str | None = None) -> Lora | None:
@@ -129,10 +127,7 @@ class ModelWorker:
         ``bank_dir`` picks the bank the anchors come from (default: the worker's); ``packed``: return
         each adapter as the store keeps it (``store.Packed``, bf16) rather than as a Lora.
         """
-        from .store import pack
-
         arrived = time.time()
-        t0 = time.perf_counter()
         cfg = cfg or self.cfg
         tcfg = train_config(cfg, kind)
         jobs = []
@@ -148,10 +143,6 @@ class ModelWorker:
             jobs.append(Job(u["user_id"], examples, merged=merged, seed=cfg.seed))
         R = merged_rank(cfg) if kind == "mta" else 0
         slots, max_rows = max(1, cfg.adapt.slots), cfg.adapt.max_rows
-        with self._stats_lock:
-            self._call_stats["calls"] += 1
-            self._call_stats["users"] += len(users)
-            self._call_stats["setup_s"] += time.perf_counter() - t0
 
         def build() -> MultiSlotTrainer:
             return MultiSlotTrainer(self.model, tcfg, slots=slots, merged_rank=R,
@@ -164,7 +155,7 @@ class ModelWorker:
                 "steps": r.steps, "final_loss": r.final_loss, "status": r.status, "error": r.error}
                for r in results]
         with self._stats_lock:
-            self._call_stats["spans"].append((arrived, queued, time.time(), len(users)))
+            self._call_spans.append((arrived, queued, time.time(), len(users)))
         return out
 
     def generate(self, requests: list[dict[str, Any]], targets: list[str], cfg: Config | None = None,
