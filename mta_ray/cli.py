@@ -7,14 +7,14 @@ Run: ``mta-ray <command> CONFIG [--out DIR] [key=value ...]``, e.g.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
-from .config import Config, load_config
-from .errors import EXIT_INPUT_ERROR, InputError
+from mta_ray.config import Config, load_config
+from mta_ray.core.methods import PROPOSED, TRAINED
+from mta_ray.errors import EXIT_INPUT_ERROR, InputError
 
 OVERVIEW = """\
 Merge-then-Adapt (MTA) personalisation of an LLM for every user, on Ray.
@@ -38,10 +38,10 @@ Bad input is reported on one line and exits with code 2.
 """
 
 def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
-    from .prepare import run_prepare
+    from mta_ray.stages.run import Step, run_step
 
     t0 = time.time()
-    s = run_prepare(cfg, args.out, force=args.force)
+    s = run_step(Step("prepare"), cfg, args.out, force=args.force)
     if s["skipped"]:
         print(f"prepare: {s['path']} is up to date ({s['users']} users); --force to rebuild")
     else:
@@ -50,29 +50,31 @@ def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage(module: str, func: str, *arg_names: str) -> Callable[[Config, argparse.Namespace], int]:
-    """A command that runs one stage function ``mta_ray.<module>.<func>(cfg, out, *args)`` and prints its summary."""
+def _stage(stage: str) -> Callable[[Config, argparse.Namespace], int]:
+    """A command that runs one stage through the stage runner and prints its summary."""
     def run(cfg: Config, args: argparse.Namespace) -> int:
-        fn = getattr(importlib.import_module(f"mta_ray.{module}"), func)
-        print(f"{args.command}: {fn(cfg, args.out, *(getattr(args, a) for a in arg_names))}")
+        from mta_ray.stages.run import Step, run_step
+
+        print(f"{args.command}: {run_step(Step(stage, getattr(args, 'kind', '')), cfg, args.out)}")
         return 0
     return run
 
 
 def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from .evaluate import render_markdown, required_kinds, run_evaluate
-    from .personalize import store_dir
+    from mta_ray.files.layout import RunLayout
+    from mta_ray.stages.evaluate import render_markdown, required_kinds
+    from mta_ray.stages.run import Step, run_step
 
-    missing = [k for k in required_kinds(cfg) if not store_dir(args.out, k).exists()]
+    missing = [k for k in required_kinds(cfg) if not RunLayout(args.out).store(k).exists()]
     if missing:
         raise InputError(str(args.out), f"no adapters for {missing}: run `mta-ray personalize --kind K` "
                                         "for each, or `mta-ray run`")
-    print(render_markdown(run_evaluate(cfg, args.out)))
+    print(render_markdown(run_step(Step("evaluate"), cfg, args.out)))
     return 0
 
 
 def _cmd_export(cfg: Config, args: argparse.Namespace) -> int:
-    from .export import run_export
+    from mta_ray.stages.export import run_export
 
     user = [o for o in args.user_overrides if o.startswith("user_id=")]
     if not user:
@@ -82,26 +84,36 @@ def _cmd_export(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
-    from .bench import run_scalability, run_throughput
+BENCHMARKS = {
+    "throughput": "multi-slot trainer vs one user at a time (GPU speed of per-user training)",
+    "scalability": "MTA vs OPPU time, GPU-hours and storage for N users",
+    "pipeline": "every stage's time and peak GPU memory, then personalize on 1..G GPUs",
+    "memory": "each stage's peak driver memory for N and 10N users",
+}
 
+
+def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    from mta_ray.files.layout import save_resolved
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, args.out, f"bench-{args.kind}" + (f"-{args.part}" if args.kind == "pipeline" else ""))
     if args.kind == "scalability":
+        from mta_ray.bench.scalability import run_scalability
         run_scalability(cfg, args.out)
     elif args.kind == "memory":
-        from .bench_memory import run_memory_bench
-
+        from mta_ray.bench.memory import run_memory_bench
         run_memory_bench(cfg, args.out, args.config, args.overrides)
     elif args.kind == "pipeline":
-        from .bench_pipeline import run_pipeline_bench
-
+        from mta_ray.bench.pipeline import run_pipeline_bench
         run_pipeline_bench(cfg, args.out, args.part, args.work)
     else:
+        from mta_ray.bench.throughput import run_throughput
         run_throughput(cfg, args.out, profile=args.profile)
     return 0
 
 
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
-    from .pipeline import run_all
+    from mta_ray.stages.run import run_all
 
     run_all(cfg, args.out, force_prepare=args.force)
     return 0
@@ -110,13 +122,13 @@ def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_study(cfg: Config, args: argparse.Namespace) -> int:
     report_dir = args.report or args.out / "report"
     if args.report_only:
-        from .study_report import write_report
+        from mta_ray.study.report import write_report
 
         if not (args.out / "plan.json").is_file():
             raise InputError(str(args.out), "no plan.json: run the study first (without --report-only)")
         write_report(cfg, args.out, report_dir)
     else:
-        from .study import run_study
+        from mta_ray.study.driver import run_study
 
         run_study(cfg, args.out, report_dir)
     print(f"study: report in {report_dir}/report.md")
@@ -125,11 +137,10 @@ def _cmd_study(cfg: Config, args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "prepare": (_cmd_prepare, "read LaMP/processed/synthetic users into <out>/users.parquet"),
-    "embed": (_stage("embed", "run_embed"), "embed users' histories (Ray Data)"),
-    "cluster": (_stage("clustering", "run_cluster"), "K-Means users and pick anchors"),
-    "bank": (_stage("bank", "run_bank"), "train one LoRA per anchor (Ray actors)"),
-    "personalize": (_stage("personalize", "run_personalize", "kind"),
-                    "merge-then-adapt every user (or train a baseline's adapters)"),
+    "embed": (_stage("embed"), "embed users' histories (Ray Data)"),
+    "cluster": (_stage("cluster"), "K-Means users and pick anchors"),
+    "bank": (_stage("bank"), "train one LoRA per anchor (Ray actors)"),
+    "personalize": (_stage("personalize"), "merge-then-adapt every user (or train a baseline's adapters)"),
     "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
     "bench": (_cmd_bench, "throughput / scalability / pipeline / memory benchmarks"),
@@ -147,11 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="Overrides are dotted keys of the config, e.g. data.path=FILE "
                                   "merge.top_k=3; unknown keys are errors.")
         if name == "bench":
-            p.add_argument("kind", choices=["throughput", "scalability", "pipeline", "memory"],
-                           help="throughput: multi-slot trainer vs one user at a time; scalability: MTA vs "
-                                "OPPU cost for N users; pipeline: every stage's time and peak GPU memory, "
-                                "then personalize on 1..G GPUs; memory: each stage's peak driver memory "
-                                "for N and 10N users")
+            p.add_argument("kind", choices=list(BENCHMARKS),
+                           help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))
         p.add_argument("config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", type=Path, default=None,
@@ -164,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--work", type=Path, default=None,
                            help="pipeline: work folder to use and keep (default: a temporary one, removed)")
         if name == "personalize":
-            p.add_argument("--kind", choices=["mta", "adapt_only", "oppu"], default="mta",
-                           help="mta (default), or a baseline's per-user adapters")
+            p.add_argument("--kind", choices=list(TRAINED), default=PROPOSED,
+                           help=f"{PROPOSED} (default), or a baseline's per-user adapters")
         if name == "export":
             p.add_argument("--run", type=Path, default=None,
                            help="the run folder holding bank/ and adapters/ (default: runs/<config name>)")

@@ -2,7 +2,8 @@
 
 Unknown keys and values of the wrong type are :class:`InputError`s naming the
 file (or the override) and the key. The resolved config is saved beside every
-stage's output so that any result can be traced to the exact settings.
+stage's output (``files.layout.save_resolved``, by the stage runner) so that any
+result can be traced to the exact settings.
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .errors import InputError
-from .fsutil import atomic_write_text
+from mta_ray.core.methods import METHOD_NAMES
+from mta_ray.errors import InputError
 
 
 @dataclass
 class SyntheticConfig:
-    """The embedded demo benchmark (see :mod:`mta_ray.synthetic`)."""
+    """The embedded demo benchmark (see :mod:`mta_ray.files.synthetic`)."""
 
     num_users: int = 40
     """Users generated in total (the most active of each persona become anchor candidates)."""
@@ -224,14 +225,11 @@ class OppuConfig(LoraTrainConfig):
     grad_accum: int = 1
 
 
-METHODS = ("base", "rag_k1", "rag_k3", "rag_k5", "oppu", "adapt_only", "merged_only", "mta")
-
-
 @dataclass
 class EvalConfig:
     """Evaluation: methods, decoding and statistics."""
 
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
     max_new_tokens: int = 0
     """0 = the task's LaMP default (LaMP-3: 3, LaMP-1/2: 10, LaMP-4/5: 50)."""
     batch_size: int = 16
@@ -241,9 +239,9 @@ class EvalConfig:
     """Users read, prompted and answered together (the driver holds one batch of histories at a time)."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+            raise ValueError(f"unknown methods {unknown}; known: {list(METHOD_NAMES)}")
         if self.users_per_batch < 1:
             raise ValueError("users_per_batch must be at least 1")
 
@@ -507,13 +505,6 @@ def with_values(cfg: Config, values: dict[str, Any], where: str = "<study>") -> 
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
-
-
-def save_resolved(cfg: Config, out_dir: str | Path, stage: str) -> Path:
-    """Write the resolved config beside a stage's output as ``<stage>.config.yaml``."""
-    path = Path(out_dir) / f"{stage}.config.yaml"
-    atomic_write_text(path, dump_yaml(cfg))
-    return path
 
 
 def section_hash(cfg: Config, *sections: str) -> str:

@@ -37,7 +37,7 @@ def tiny_model_dir(tmp_path_factory, model_cache):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mta_ray.config import ModelConfig
-    from mta_ray.models import load_tokenizer
+    from mta_ray.files.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig())
     torch.manual_seed(0)

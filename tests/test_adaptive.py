@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mta_ray.adaptive import merge_weights, top_k_anchors
+from mta_ray.core.adaptive import merge_weights, top_k_anchors
 
 
 def test_most_similar_anchor_gets_the_largest_weight():
@@ -31,7 +31,7 @@ def test_top_k_by_cosine_best_first():
 def test_anchor_ties_go_to_the_member_nearest_the_centroid_then_to_the_smallest_id():
     import numpy as np
 
-    from mta_ray.clustering import pick_anchors
+    from mta_ray.stages.cluster import pick_anchors
 
     x = np.array([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0], [5.0, 5.0], [7.0, 5.0]])
     labels = np.array([0, 0, 0, 1, 1])

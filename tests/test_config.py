@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mta_ray.config import Config, load_config, save_resolved
+from mta_ray.config import Config, load_config
 from mta_ray.errors import InputError
+from mta_ray.files.layout import save_resolved
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_YAML = sorted((ROOT / "configs").rglob("*.yaml"))

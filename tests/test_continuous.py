@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from mta_ray.continuous import ContinuousTrainer
-from mta_ray.personalize import chunk_size, queued_users
-from mta_ray.trainer import MultiSlotTrainer
+from mta_ray.engine.continuous import ContinuousTrainer
+from mta_ray.engine.trainer import MultiSlotTrainer
+from mta_ray.stages.personalize import chunk_size, queued_users
 from tests.test_trainer import CFG, _jobs, _train_alone_with_peft
 from tests.tiny import tiny_llama
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mta_ray.cli import main
-from mta_ray.data import load_users
+from mta_ray.files.tables import load_users
 
 ROOT = Path(__file__).resolve().parents[1]
 LAMP2_CFG = str(ROOT / "configs/lamp/lamp2.yaml")

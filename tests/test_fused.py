@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mta_ray.fused import apply_fused
+from mta_ray.engine.fused import apply_fused
 from tests.tiny import tiny_gemma, tiny_llama, tiny_qwen2
 
 

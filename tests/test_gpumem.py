@@ -2,7 +2,7 @@
 
 import time
 
-from mta_ray.gpumem import GIB, GpuMemorySampler, read_used_bytes
+from mta_ray.bench.gpumem import GIB, GpuMemorySampler, read_used_bytes
 
 
 class Scripted:

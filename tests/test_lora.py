@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from mta_ray.lora import (LoraPair, delta, fold_into, load_peft, merge, merge_delta, merge_params, save_peft,
-                          stack)
-from mta_ray.multilora import FlatFactors, inject, set_merged, set_stacked, target_module_names
+from mta_ray.core.lora import LoraPair, delta, fold_into, merge, merge_delta, merge_params, stack
+from mta_ray.engine.multilora import FlatFactors, inject, set_merged, set_stacked, target_module_names
+from mta_ray.files.peft_format import load_peft, save_peft
 from tests.tiny import random_lora, tiny_gemma, tiny_llama, tiny_qwen2
 
 

@@ -3,8 +3,8 @@ import math
 import pytest
 from rouge_score import rouge_scorer
 
-from mta_ray.metrics import classification_scores, generation_scores, rating_value, regression_scores, score
-from mta_ray.tasks import get_task
+from mta_ray.core.metrics import classification_scores, generation_scores, rating_value, regression_scores, score
+from mta_ray.core.tasks import get_task
 
 
 def test_classification_by_hand():

@@ -7,7 +7,7 @@ import torch
 
 from mta_ray.config import ModelConfig
 from mta_ray.errors import InputError
-from mta_ray.models import converted_gguf_dir, load_base, load_encoder, resolve_ref
+from mta_ray.files.models import converted_gguf_dir, load_base, load_encoder, resolve_ref
 
 
 @pytest.mark.slow

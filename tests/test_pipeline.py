@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from mta_ray.cli import main
-from mta_ray.config import METHODS, load_config
-from mta_ray.store import AdapterStore
+from mta_ray.config import load_config
+from mta_ray.core.methods import METHOD_NAMES as METHODS
+from mta_ray.files.store import AdapterStore
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs/demo.yaml")
@@ -76,8 +77,8 @@ def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mta_ray.export import personalised_lora
-    from mta_ray.multilora import inject, set_stacked
+    from mta_ray.engine.multilora import inject, set_stacked
+    from mta_ray.stages.export import personalised_lora
 
     user = "synth-00005"
     assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "adapter"),

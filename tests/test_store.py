@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mta_ray.lora import LoraPair
-from mta_ray.store import AdapterStore, pack
+from mta_ray.core.lora import LoraPair
+from mta_ray.files.store import AdapterStore, pack
 
 
 def _lora(seed):

@@ -1,4 +1,4 @@
-"""Stages stream the users and embeddings tables instead of loading them whole (issue 6, part 4)."""
+"""Stages stream the users and embeddings tables instead of loading them whole."""
 
 import json
 
@@ -7,13 +7,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mta_ray.clustering import run_cluster
 from mta_ray.config import load_config
-from mta_ray.data import count_rows, iter_user_rows, write_users
-from mta_ray.embed import EMBEDDINGS
 from mta_ray.errors import InputError
-from mta_ray.personalize import iter_pending
-from mta_ray.prepare import USERS_FILE, run_prepare
+from mta_ray.files.layout import RunLayout, bank_retriever
+from mta_ray.files.tables import count_rows, iter_user_rows, iter_users_with_anchors, write_users
+from mta_ray.stages.cluster import run_cluster
+from mta_ray.stages.prepare import run_prepare
+
+USERS_FILE = "users.parquet"
+
+
+def pending(cfg, out, bank, skip=frozenset()):
+    run = RunLayout(out)
+    return iter_users_with_anchors(run.users, run.embeddings, bank_retriever(cfg, bank) if bank else None, skip)
 
 
 def users(n, items=lambda i: 3):
@@ -24,7 +30,7 @@ def users(n, items=lambda i: 3):
 
 def write_embeddings(out, ids, items, dim=4, seed=0):
     rng = np.random.default_rng(seed)
-    folder = out / EMBEDDINGS
+    folder = RunLayout(out).embeddings
     folder.mkdir(parents=True)
     emb = rng.normal(size=(len(ids), dim)).astype(np.float32)
     pq.write_table(pa.table({"user_id": ids, "n_items": pa.array(items, pa.int32()),
@@ -61,13 +67,13 @@ def test_pending_users_carry_their_anchors_and_skip_stored_ones(tmp_path):
     cfg = load_config("configs/demo.yaml", ["merge.top_k=1"])
     write_users(users(6), tmp_path / USERS_FILE)
     emb = write_embeddings(tmp_path, [f"u{i:04d}" for i in range(6)], [3] * 6)
-    got = list(iter_pending(cfg, tmp_path, "mta", {"u0002"}, _bank(tmp_path)))
+    got = list(pending(cfg, tmp_path, _bank(tmp_path), {"u0002"}))
     assert [u["user_id"] for u in got] == ["u0000", "u0001", "u0003", "u0004", "u0005"]
     for u in got:
         e = emb[int(u["user_id"][1:])]
         assert u["anchors"] == [f"anchor-{int(e[1] > e[0]):04d}"] and u["weights"] == [1.0]
         assert len(u["history"]) == 3
-    assert [u["anchors"] for u in iter_pending(cfg, tmp_path, "oppu", set(), tmp_path / "bank")] == [[]] * 6
+    assert [u["anchors"] for u in pending(cfg, tmp_path, None)] == [[]] * 6
 
 
 def test_embeddings_out_of_step_with_the_users_table_are_an_input_error(tmp_path):
@@ -75,7 +81,7 @@ def test_embeddings_out_of_step_with_the_users_table_are_an_input_error(tmp_path
     write_users(users(4), tmp_path / USERS_FILE)
     write_embeddings(tmp_path, ["u0001", "u0000", "u0002", "u0003"], [3] * 4)  # e.g. an older layout
     with pytest.raises(InputError, match="rerun `mta-ray embed`"):
-        list(iter_pending(cfg, tmp_path, "mta", set(), _bank(tmp_path)))
+        list(pending(cfg, tmp_path, _bank(tmp_path)))
 
 
 def test_many_users_are_clustered_streaming_with_the_most_active_as_anchors(tmp_path):

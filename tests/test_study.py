@@ -7,9 +7,9 @@ import json
 import pytest
 
 from mta_ray.config import load_config, with_values
+from mta_ray.core.tasks import get_task
 from mta_ray.errors import InputError
-from mta_ray.study import Run, choose, fold_of, held_out, make_run, setting_users
-from mta_ray.tasks import get_task
+from mta_ray.study.driver import Run, choose, fold_of, held_out, make_run, setting_users
 
 
 def _user(uid: str, n: int = 10) -> dict:
@@ -105,7 +105,7 @@ def test_study_settings_are_validated_and_override_values_checked():
 
 def test_report_statistics_on_known_predictions(tmp_path):
     """Two methods on 4 users x 2 queries: MTA right on 6, the other on 2; paired stats follow."""
-    from mta_ray.study_report import Results
+    from mta_ray.study.report import Results
 
     task = get_task("lamp2")
 

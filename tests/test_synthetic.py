@@ -5,8 +5,8 @@ from collections import defaultdict
 import pytest
 
 from mta_ray.config import SyntheticConfig
-from mta_ray.synthetic import TOPICS, generate_users, persona_table
-from mta_ray.tasks import LAMP2_TAGS, get_task
+from mta_ray.core.tasks import LAMP2_TAGS, get_task
+from mta_ray.files.synthetic import TOPICS, generate_users, persona_table
 
 
 def _topic_of(text: str) -> str:

@@ -1,7 +1,7 @@
 import pytest
 
-from mta_ray.retrieval import HistoryIndex
-from mta_ray.tasks import LAMP2_TAGS, get_task
+from mta_ray.core.retrieval import HistoryIndex
+from mta_ray.core.tasks import LAMP2_TAGS, get_task
 
 OFFICIAL_INPUTS = {
     "lamp1": ('For an author who has written the paper with the title "Deep nets for graphs", which reference '
@@ -93,3 +93,50 @@ def test_lamp1_pairs_are_two_choice_questions():
 ])
 def test_parse_output(name, raw, parsed):
     assert get_task(name).parse_output(raw) == parsed
+
+
+def _options(prompt):
+    """(option 1, option 2) of a LaMP-1 training question."""
+    refs = prompt.split("Reference: [1] - ")[1].split("\nAnswer:")[0]
+    o1, o2 = refs.split(" [2] - ")
+    return o1, o2
+
+
+def test_lamp1_negative_is_the_bm25_closest_of_other_users_titles():
+    task = get_task("lamp1")
+    history = [{"id": "a", "input": "Graph neural networks for molecules", "output": "abs"},
+               {"id": "b", "input": "Molecular graph generation", "output": "abs"},
+               {"id": "c", "input": "Speech recognition with transformers", "output": "abs"}]
+    negatives = ["Cooking pasta at home", "Graph kernels for molecules", "Transformers for speech synthesis",
+                 "Molecular graph generation"]   # the last one equals the positive: never the negative
+    pairs = task.training_pairs(history, k=1, negatives=negatives)
+    options = [set(_options(p)) for p, _ in pairs]
+    assert options[0] == {"Molecular graph generation", "Graph kernels for molecules"}
+    assert "Transformers for speech synthesis" in options[2]
+    assert all("A survey of unrelated work" not in o for o in options)
+    for (prompt, target), item in zip(pairs, history):   # the target names the option that is the user's own
+        o1, o2 = _options(prompt)
+        own = o1 if target == "[1]" else o2
+        assert own in {h["input"] for h in history} - {item["input"]}
+
+
+def test_lamp1_without_other_users_falls_back_to_a_fixed_negative():
+    task = get_task("lamp1")
+    history = [{"id": "a", "input": "Graphs", "output": "x"}, {"id": "b", "input": "Trees", "output": "y"}]
+    assert all("A survey of unrelated work" in p for p, _ in task.training_pairs(history, k=0))
+
+
+def test_negative_pool_is_seeded_bounded_and_excludes_the_user(tmp_path):
+    from mta_ray.files.tables import negative_pool, others_items, write_users
+
+    users = [{"user_id": f"u{i}", "task": "lamp1", "persona": None, "queries": [],
+              "history": [{"id": f"{i}-{j}", "input": f"paper {i}.{j}", "output": ""} for j in range(5)]}
+             for i in range(40)]
+    path = tmp_path / "users.parquet"
+    write_users(users, path, batch_rows=7)
+    pool = negative_pool(path, 32, seed=0)
+    assert len(pool) == 32 and pool == negative_pool(path, 32, seed=0) != negative_pool(path, 32, seed=1)
+    assert len({owner for owner, _ in pool}) > 10          # spread over the table, not its first rows
+    mine = {u for u, _ in pool}.pop()
+    assert all(not t.startswith(f"paper {mine[1:]}.") for t in others_items(pool, [mine]))
+    assert negative_pool(path, 500, seed=0) == [(u["user_id"], h["input"]) for u in users for h in u["history"]][:200]

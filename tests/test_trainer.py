@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from mta_ray.config import LoraTrainConfig
-from mta_ray.lora import LoraPair, delta, fold_into, merge_delta
-from mta_ray.multilora import target_module_names
-from mta_ray.trainer import Example, Job, MultiSlotTrainer, epoch_order, lr_multiplier, plan_windows, user_seed
+from mta_ray.core.lora import LoraPair, delta, fold_into, merge_delta
+from mta_ray.engine.multilora import target_module_names
+from mta_ray.engine.trainer import Example, Job, MultiSlotTrainer, epoch_order, lr_multiplier, plan_windows, user_seed
 from tests.tiny import random_lora, tiny_llama
 
 CFG = LoraTrainConfig(rank=4, alpha=8, lr=2e-2, epochs=2, batch_size=2, grad_accum=2, warmup_ratio=0.2,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-
 SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128)
 
@@ -33,7 +32,7 @@ def tiny_gemma(seed: int = 0, vocab: int = 96):
 
 
 def random_lora(model, names, rank: int, seed: int, scale: float = 0.05):
-    from mta_ray.lora import LoraPair
+    from mta_ray.core.lora import LoraPair
 
     g = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())

@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, scalability (MTA vs OPPU), the pipeline on GPUs, driver memory."""

@@ -1,0 +1,240 @@
+"""``mta-ray bench pipeline CONFIG``: the whole pipeline stage by stage (time, peak GPU memory),
+then personalize throughput on 1, 2, ... GPUs of the same Ray cluster.
+
+Run (on a GPU machine; ``random:llama3-8b`` needs no weights, only a tokenizer):
+``mta-ray bench pipeline configs/paper/llama3-8b-single-gpu.yaml model.base=random:llama3-8b
+model.tokenizer=TOKENIZER data.path=USERS.json --out bench/results``
+
+Peak memory is what ``nvidia-smi`` reports for each GPU while a stage runs (every
+process on it, CUDA contexts included): the number that must fit the card. Each
+stage starts from idle GPUs (the previous stage's workers have exited). The
+scaling runs train the same users (label ``scaling-<n>gpu``) on ``n`` resident
+workers started and loaded before the clock starts, so they compare training
+throughput, not model loading. Everything runs in a fresh temporary work folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mta_ray.bench.gpumem import GIB, GpuMemorySampler, gpu_names, read_activity
+from mta_ray.config import Config, to_dict, with_values
+from mta_ray.files.atomic import atomic_write_text, slug
+from mta_ray.files.layout import RunLayout
+
+
+def _gib(values: list[int]) -> list[float]:
+    return [round(v / GIB, 2) for v in values]
+
+
+def measure_stages(cfg: Config, work: Path, mem: GpuMemorySampler, record) -> list[dict[str, Any]]:
+    """Every stage once, from idle GPUs; ``record(rows)`` after each (a cut-off run keeps what it measured).
+
+    A model stage gets a fresh pool of workers (loading them is timed apart from the stage's work), and
+    its workers' PyTorch peaks (allocated: live tensors; reserved: the caching allocator's hold) are
+    recorded beside the card's.
+    """
+    import ray
+
+    from mta_ray.engine.workers import start_workers, stop_workers
+    from mta_ray.stages.run import pipeline_steps, run_step
+
+    rows: list[dict[str, Any]] = []
+    timing: dict[str, float] = {}
+    for step in pipeline_steps(cfg):
+        name = step.label
+        mem.wait_idle()
+        print(f"bench pipeline: {name} ...", flush=True)
+        row: dict[str, Any] = {"stage": name}
+        pool = None
+        t0 = time.time()
+        with mem.phase(name):
+            try:
+                if step.uses_models:
+                    pool = start_workers(cfg, RunLayout(work).bank)
+                    ray.get([w.node.remote() for w in pool])
+                    row["worker_load_s"] = round(time.time() - t0, 1)
+                    t0 = time.time()
+                    result = run_step(step, cfg, work, workers=pool, timing=timing)
+                    row["workers"] = ray.get([w.gpu_memory.remote() for w in pool])
+                else:
+                    result = run_step(step, cfg, work)
+            except Exception as exc:  # noqa: BLE001 - recorded, and the later stages need this one
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                result = {}
+            finally:
+                stop_workers(pool)
+        seconds = time.time() - t0
+        timing[f"{name}_s"] = round(seconds, 1)
+        peak = mem.peaks[name]
+        row.update(seconds=round(seconds, 1), peak_gib=_gib(peak), max_peak_gib=round(max(peak, default=0) / GIB, 2),
+                   gpu_activity=mem.activity.get(name, []))
+        rows.append(row)
+        record(rows)
+        if "error" in row:
+            print(f"  {name} failed: {row['error']}; stopping", flush=True)
+            break
+        summary = {k: v for k, v in result.items() if k != "config"} if step.stage != "evaluate" else {
+            m: r["metrics"] for m, r in result["methods"].items()}
+        print(f"  {name}: {seconds:.1f}s, card peak {row['peak_gib']} GiB, workers {row.get('workers', '-')}; "
+              f"{summary}", flush=True)
+    return rows
+
+
+def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list[int],
+                    record) -> list[dict[str, Any]]:
+    """Personalize (MTA) the run's users on ``n`` workers for each ``n``: users/s and speed-up over the first.
+
+    The stages before personalize run first where ``work`` does not hold them yet (not measured). Each
+    pool is loaded and warmed up first: one untimed call per worker that fills every slot twice (copies
+    of the first user), so kernel compilation for those shapes, the allocator's growth and bank loading
+    stay out of the clock. Each row also gives every worker's busy time (its trainer running) beside the
+    wall time: what is left of the wall is waiting (start, tail, the driver).
+    """
+    import ray
+
+    from mta_ray.engine.workers import start_workers, stop_workers
+    from mta_ray.files.layout import bank_retriever
+    from mta_ray.files.tables import iter_users_with_anchors
+    from mta_ray.stages.personalize import queued_users, run_personalize
+    from mta_ray.stages.run import pipeline_steps, run_step
+
+    run = RunLayout(work)
+    for step in pipeline_steps(cfg):
+        if step.stage == "personalize":
+            break
+        run_step(step, cfg, work)
+    first_user = next(iter_users_with_anchors(run.users, run.embeddings, bank_retriever(cfg, run.bank)))
+    rows: list[dict[str, Any]] = []
+    for n in counts:
+        mem.wait_idle()
+        cfg_n = with_values(cfg, {"ray.actors": n}, "bench.gpu_counts")
+        label = f"scaling-{n}gpu"
+        shutil.rmtree(run.store(label), ignore_errors=True)
+        warm_call = [{**first_user, "user_id": f"warm-up-{i}"} for i in range(queued_users(cfg.adapt.slots))]
+        pool = start_workers(cfg_n, run.bank)
+        try:
+            t_load = time.time()
+            nodes = ray.get([w.node.remote() for w in pool])
+            load_s = time.time() - t_load
+            t_warm = time.time()
+            ray.get([w.train.remote("mta", warm_call, cfg_n, str(run.bank)) for w in pool])
+            warm_s = time.time() - t_warm
+            ray.get([w.train_stats.remote() for w in pool])  # forget the warm-up call
+            t0 = time.time()
+            with mem.paused():  # nothing polls the GPUs while the clock runs
+                result = run_personalize(cfg_n, work, "mta", workers=pool, label=label)
+            seconds = time.time() - t0
+            memory = ray.get([w.gpu_memory.remote() for w in pool])
+            stats = ray.get([w.train_stats.remote() for w in pool])
+        finally:
+            stop_workers(pool)
+        rate = result["trained"] / seconds
+        busy = [worker_timeline(st, t0, seconds, cfg.adapt.slots) for st in stats]
+        rows.append({"gpus": n, "workers": nodes, "users": result["trained"], "failed": result.get("failed", 0),
+                     "seconds": round(seconds, 1), "users_per_s": round(rate, 3),
+                     "driver_storing_s": result.get("storing_s"), "worker_load_s": round(load_s, 1),
+                     "warm_up_s": round(warm_s, 1), "warm_up_users": len(warm_call), "worker_busy": busy,
+                     "worker_memory": memory})
+        rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
+        record(rows)
+        print(f"bench pipeline: personalize on {n} GPU(s): {rate:.3f} users/s "
+              f"({result['trained']} users in {seconds:.1f}s), speed-up {rows[-1]['speedup']}x", flush=True)
+    return rows
+
+
+def worker_timeline(stats: dict[str, Any], t0: float, seconds: float, slots: int) -> dict[str, Any]:
+    """One worker's ``train_stats`` over a timed run that started at wall time ``t0``: its counters,
+    busy fraction, occupancy, seconds per iteration, and when it sat idle (before its first trainer
+    run, between runs, after its last), with its calls' (arrived, queued, returned) and its runs'
+    (start, end) as seconds since ``t0``: where a worker lost time, and whether the call was late."""
+    stats = dict(stats)
+    calls, runs = stats.pop("spans", []), stats.pop("run_spans", [])
+    row: dict[str, Any] = {k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()}
+    row.update(busy_fraction=round(stats["busy_s"] / seconds, 3),
+               occupancy=round(stats["slot_iterations"] / max(1, stats["iterations"] * slots), 3),
+               s_per_iteration=round(stats["busy_s"] / max(1, stats["iterations"]), 4))
+    runs = sorted((a - t0, b - t0) for a, b in runs)
+    if runs:
+        row["idle_s"] = {"before_first_run": round(runs[0][0], 2),
+                         "between_runs": round(sum(b[0] - a[1] for a, b in zip(runs, runs[1:])), 2),
+                         "after_last_run": round(seconds - runs[-1][1], 2)}
+    row["run_timeline"] = [[round(a, 2), round(b, 2)] for a, b in runs]
+    row["call_timeline"] = [[round(a - t0, 2), round(q - t0, 2), round(d - t0, 2), n] for a, q, d, n in sorted(calls)]
+    return row
+
+
+class _Recorder:
+    """Rewrites the result JSON after every measurement (a cut-off run keeps what it measured)."""
+
+    def __init__(self, path: Path, result: dict[str, Any], has_gpus: bool):
+        self.path, self.result, self.has_gpus = path, result, has_gpus
+
+    def __call__(self, key: str):
+        def write(rows: list[dict[str, Any]]) -> None:
+            self.result[key] = rows
+            if key == "stages":
+                worst = max(rows, key=lambda r: r["max_peak_gib"])
+                self.result.update(largest_stage=worst["stage"], largest_peak_gib=worst["max_peak_gib"],
+                                   fits_budget=worst["max_peak_gib"] <= self.result["budget_gib"]
+                                   if self.has_gpus else None)
+            atomic_write_text(self.path, json.dumps(self.result, indent=1) + "\n")
+        return write
+
+
+def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: Path | None = None) -> dict:
+    """``part``: ``stages`` (time and memory of each stage), ``scaling`` (1..G GPUs) or ``all``.
+
+    ``work``: a work folder to use and keep (a later ``scaling`` call reuses its bank); default: a
+    temporary folder, removed at the end. The JSON is rewritten after every measurement.
+    """
+    import ray
+
+    from mta_ray.engine.raysetup import init_ray
+
+    names = gpu_names()
+    if not names:
+        print("bench pipeline: no NVIDIA GPU found (nvidia-smi): peak memory will be empty", flush=True)
+    init_ray(cfg)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    counts = [n for n in cfg.bench.gpu_counts if n <= max(gpus, 1)]
+    skipped = [n for n in cfg.bench.gpu_counts if n not in counts]
+    temporary = work is None
+    work = Path(tempfile.mkdtemp(prefix="mta-bench-pipeline-")) if work is None else work
+    work.mkdir(parents=True, exist_ok=True)
+    device = names[0] if names else "cpu"
+    shape = cfg.model.base.split(":", 1)[-1] if cfg.model.base.startswith("random:") else Path(cfg.model.base).stem
+    path = results_dir / f"pipeline-{part}-{slug(shape)}-{slug(device)}-x{len(names)}.json"
+    budget = cfg.bench.memory_budget_gib
+    result: dict[str, Any] = {
+        "benchmark": "pipeline", "part": part, "device": device, "gpus": names, "model": cfg.model.base,
+        "budget_gib": budget, "config": to_dict(cfg),
+        "note": "peak_gib: nvidia-smi memory.used per GPU during the stage (all processes; sampled every 0.2 s, "
+                "with SM clock, power and utilisation in gpu_activity); scaling: the same users personalised "
+                "(MTA) on n resident workers, model loading and a warm-up call excluded, no GPU polling while "
+                "timed (worker_memory: each worker's PyTorch peaks)",
+    }
+    results_dir.mkdir(parents=True, exist_ok=True)
+    record = _Recorder(path, result, bool(names))
+    print(f"bench pipeline ({part}): {names or ['cpu']}, base {cfg.model.base}, work folder {work}", flush=True)
+    try:
+        with GpuMemorySampler(activity=read_activity) as mem:
+            if part in ("stages", "all"):
+                measure_stages(cfg, work, mem, record("stages"))
+            if part in ("scaling", "all"):
+                result["scaling_not_run"] = [{"gpus": n, "why": f"the Ray cluster has {gpus} GPU(s)"}
+                                             for n in skipped]
+                measure_scaling(cfg, work, mem, counts, record("scaling"))
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+    if "largest_stage" in result:
+        print(f"bench pipeline: largest stage {result['largest_stage']} at {result['largest_peak_gib']} GiB "
+              f"(budget {budget} GiB)", flush=True)
+    print(f"bench pipeline: -> {path}", flush=True)
+    return result

@@ -1,0 +1,171 @@
+"""Benchmarks: ``mta-ray bench throughput CONFIG`` (GPU speed of per-user merge-then-adapt).
+
+Run: ``mta-ray bench throughput configs/bench/throughput-8b.yaml --out bench/results``
+
+It compares, in one process on one device with the same users:
+(a) the baseline — one user at a time with plain PEFT, as OPPU's code runs users
+    (fold the user's merged LoRA into W0, new PEFT LoRA, AdamW, HF loss over all logits);
+(b) the multi-slot trainer — many users per forward/backward, continuous refill.
+Figures: users/hour, tokens/s, MFU and peak GPU memory. MFU counts 4N FLOPs per
+processed token (N = parameters of all matmuls incl. the LM head) plus causal
+attention (6 T^2 d per layer per sequence, forward + input gradients) over the
+GPU's dense bf16 peak; ``mfu_executed`` counts the LM head only where it is
+computed (our trainer applies it to target tokens only).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mta_ray.bench.common import (build_model, device_name, device_peak, measure, param_counts, run_baseline, sync,
+                                  synthetic_jobs, variant_slots)
+from mta_ray.config import Config, LoraTrainConfig
+from mta_ray.engine.trainer import Job, MultiSlotTrainer
+from mta_ray.files.atomic import atomic_write_text, slug
+
+
+def _flops(jobs: list[Job], train: LoraTrainConfig, n_body: int, n_head: int, layers: int, d: int,
+           head_on_targets_only: bool) -> tuple[float, float, int]:
+    """(model FLOPs by the 4N rule, FLOPs executed, tokens processed) for training ``jobs``: 4N per token for a
+    frozen base of N matmul parameters (forward 2N, activation gradients 2N) plus causal attention."""
+    model_flops = executed = 0.0
+    tokens = 0
+    for job in jobs:
+        for e in job.examples:
+            T = len(e.input_ids)
+            attn = 6.0 * T * T * d * layers / 2  # causal
+            model_flops += 4.0 * (n_body + n_head) * T + attn
+            head_tokens = e.target_tokens if head_on_targets_only else T
+            executed += 4.0 * n_body * T + 4.0 * n_head * head_tokens + attn
+            tokens += T
+    return model_flops * train.epochs, executed * train.epochs, tokens * train.epochs
+
+
+def _figures(n_users: int, seconds: float, flops: tuple[float, float, int], peak_flops: float | None,
+             peak_bytes: int) -> dict[str, Any]:
+    model_flops, executed, tokens = flops
+    out = {"users": n_users, "seconds": round(seconds, 3), "users_per_hour": round(n_users * 3600 / seconds, 1),
+           "tokens_per_s": round(tokens / seconds, 1), "tflops_per_s": round(model_flops / seconds / 1e12, 2),
+           "peak_gpu_gib": round(peak_bytes / 2 ** 30, 2)}
+    if peak_flops:
+        out["mfu"] = round(model_flops / seconds / peak_flops, 4)
+        out["mfu_executed"] = round(executed / seconds / peak_flops, 4)
+    return out
+
+
+def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, Any]:
+    """Measure baseline and multi-slot variants; write ``throughput-<shape>.json`` in ``out``."""
+    device, name = device_name()
+    peak_flops = device_peak(name) if device == "cuda" else None
+    b, train = cfg.bench, cfg.adapt
+    model = build_model(cfg, device)
+    n_body, n_head = param_counts(model)
+    mc = model.config
+    flop_args = (train, n_body, n_head, mc.num_hidden_layers, mc.num_attention_heads * getattr(
+        mc, "head_dim", mc.hidden_size // mc.num_attention_heads))
+    merged_rank = b.anchors * cfg.bank.rank
+    print(f"bench throughput: {name}, model {b.shape} ({(n_body + n_head) / 1e9:.2f}B matmul params), "
+          f"{b.history_items} items x {b.prompt_tokens} tokens, {train.epochs} epochs, "
+          f"batch {train.batch_size} x accum {train.grad_accum}, rank {train.rank}, merged rank {merged_rank}",
+          flush=True)
+
+    # (a) baseline, after one untimed warm-up user
+    run_baseline(model, synthetic_jobs(model, cfg, 1, offset=10_000), train, device)
+    base_jobs = synthetic_jobs(model, cfg, b.baseline_users)
+    finals, sec, peak = measure(lambda: run_baseline(model, base_jobs, train, device), device)
+    baseline = _figures(len(base_jobs), sec, _flops(base_jobs, *flop_args, head_on_targets_only=False),
+                        peak_flops, peak)
+    baseline["final_losses"] = [round(x, 4) for x in finals]
+    print(f"  baseline (PEFT, one user at a time): {baseline}", flush=True)
+
+    variants = []
+    for v in b.variants:
+        slots, ckpt, fused = variant_slots(v)
+        variants.append(_run_variant(model, cfg, device, slots, ckpt, fused, merged_rank, flop_args, peak_flops))
+        print(f"  multi-slot {v}: {variants[-1]}", flush=True)
+    ok = [x for x in variants if "error" not in x]
+    best = max(ok, key=lambda x: x["users_per_hour"]) if ok else None
+    fits = [x for x in ok if x["peak_gpu_gib"] <= b.memory_budget_gib] if device == "cuda" else []
+    result = {
+        "benchmark": "throughput", "device": name, "device_peak_bf16_flops": peak_flops,
+        "torch": torch.__version__, "model": b.shape if b.shape != "real" else cfg.model.base,
+        "matmul_params": n_body + n_head,
+        "settings": {**{k: getattr(b, k) for k in ("users", "baseline_users", "prompt_tokens", "target_tokens",
+                                                     "history_items", "anchors", "variants")},
+                     "train": asdict(train), "anchor_rank": cfg.bank.rank, "merge_space": "delta",
+                     "dtype": "bfloat16" if device == "cuda" else "float32"},
+        "baseline_peft_one_at_a_time": baseline,
+        "multi_slot": variants,
+        "best_variant": best["variant"] if best else None,
+        "speedup_users_per_hour": round(best["users_per_hour"] / baseline["users_per_hour"], 2) if best else None,
+        "single_gpu_48gb": ({"variant": max(fits, key=lambda x: x["users_per_hour"])["variant"],
+                             "budget_gib": b.memory_budget_gib} if fits else None),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if profile and best:
+        _profile(model, cfg, device, best["slots"], best["gradient_checkpointing"], best["fused"], merged_rank, out)
+    path = out / f"throughput-{slug(result['model'])}-{slug(name)}.json"
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    print(f"  speedup (best variant {result['best_variant']} vs baseline): {result['speedup_users_per_hour']}x "
+          f"-> {path}", flush=True)
+    return result
+
+
+def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused: bool, merged_rank: int,
+                 flop_args: tuple, peak_flops: float | None) -> dict[str, Any]:
+    b = cfg.bench
+    label = f"{slots}{'c' if ckpt else ''}{'f' if fused else ''}"
+    trainer = None
+    try:
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed,
+                                   fused=fused)
+        trainer.run(synthetic_jobs(model, cfg, slots, offset=20_000))  # warm-up: one full round (and compile)
+        jobs = synthetic_jobs(model, cfg, max(b.users, 2 * slots))
+        results, sec, peak = measure(lambda: trainer.run(jobs), device)
+        fig = _figures(len(jobs), sec, _flops(jobs, *flop_args, head_on_targets_only=True), peak_flops, peak)
+        fig["failed_users"] = sum(r.status != "ok" for r in results)
+        fig["mean_final_loss"] = round(sum(r.final_loss for r in results) / len(results), 4)
+        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "fused": fused, **fig}
+    except torch.OutOfMemoryError:
+        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "fused": fused,
+                "error": "out of memory"}
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if ckpt:
+            model.gradient_checkpointing_disable()
+        for p in model.parameters():
+            p.grad = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused: bool, merged_rank: int,
+             out: Path) -> None:
+    """Where the time goes: a torch.profiler table of one round of ``slots`` users."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused)
+    try:
+        jobs = synthetic_jobs(model, cfg, slots, offset=30_000)
+        with profile(activities=acts) as prof:
+            trainer.run(jobs)
+            sync(device)
+        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        table = prof.key_averages().table(sort_by=key, row_limit=40)
+        atomic_write_text(out / "profile.txt", table)
+        print(table[:6000], flush=True)
+    finally:
+        trainer.close()
+        if ckpt:
+            model.gradient_checkpointing_disable()

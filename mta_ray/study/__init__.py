@@ -1,0 +1,1 @@
+"""The real-data study: its driver (cross-banking, validation-chosen settings) and its report."""
