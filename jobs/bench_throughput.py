@@ -1,7 +1,8 @@
 """Job: the throughput benchmark (PEFT one-at-a-time vs the multi-slot trainer) on a GPU node.
 
 Local:         python -m jobs.bench_throughput --config configs/bench/throughput-8b.yaml --out bench/results
-On a cluster:  ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-gpus 1 -- \\
+On a cluster:  ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-gpus 1 \\
+                   --runtime-env-json '{"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}' -- \\
                    python -m jobs.bench_throughput --config configs/bench/throughput-8b.yaml --out /shared/bench
 """
 

@@ -13,6 +13,8 @@ SHARED_LAMP2 = ROOT.parent / "shared" / "data" / "lamp2-movie-tagging-72users.js
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray a test starts binds and talks on loopback only (Ray otherwise uses the machine's own address).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @pytest.fixture

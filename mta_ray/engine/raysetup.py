@@ -2,26 +2,54 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from mta_ray.config import Config
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "MTA_RAY_CACHE", "TOKENIZERS_PARALLELISM",
                  "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS",
                  "PYTORCH_CUDA_ALLOC_CONF", "DS_ACCELERATOR", "DS_BUILD_OPS")
+"""Environment variables of the driver that its Ray workers get too (offline hubs, caches, NCCL switches)."""
+DEFAULT_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Where ``ray job submit`` hands its driver the job's config (its runtime env among it)."""
+
+
+def job_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime env of the Ray job this driver runs in (``ray job submit``, a KubeRay RayJob); empty
+    when it runs outside a job."""
+    raw = environ.get(JOB_CONFIG_ENV, "")
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def driver_runtime_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The runtime env ``ray.init`` adds: the forwarded variables the job does not set already.
+
+    Ray merges a job's runtime env with the driver's and refuses any key given twice, so what the job
+    sets (``--runtime-env-json``, ``runtimeEnvYAML``) is left to the job; its workers get it from there.
+    """
+    env = {**DEFAULT_ENV, **{k: environ[k] for k in FORWARDED_ENV if k in environ}}
+    taken = job_runtime_env(environ).get("env_vars") or {}
+    env = {k: v for k, v in env.items() if k not in taken}
+    return {"env_vars": env} if env else {}
 
 
 def init_ray(cfg: Config) -> None:
-    """Join ``ray.address`` when set, else start an embedded local Ray (the default)."""
+    """Join ``ray.address`` (or the cluster of a submitted job: ``RAY_ADDRESS``) when set, else start an
+    embedded local Ray (the default)."""
     import ray
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True,
+    kwargs: dict[str, Any] = {"runtime_env": driver_runtime_env(os.environ), "log_to_driver": True,
                               "logging_level": "WARNING"}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")  # `ray job submit` sets RAY_ADDRESS
     if address:
