@@ -24,16 +24,36 @@ from mta_ray.errors import InputError
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all distinct (``json`` keeps the last of duplicates without a word)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
 def read_json(path: Path) -> Any:
-    if not path.is_file():
+    if not path.exists():
         raise InputError(str(path), "file not found")
+    if not path.is_file():
+        raise InputError(str(path), "not a regular file")
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise InputError(str(path), f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except _DuplicateKey as exc:
+        raise InputError(str(path), f"duplicate key {exc.args[0]!r} in a JSON object (one would be lost)") from None
     except UnicodeDecodeError:
         raise InputError(str(path), "not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read: {exc.strerror or exc}") from None
 
 
 def _need(obj: Any, key: str, where: str, what: str) -> Any:
@@ -48,6 +68,31 @@ def _text(value: Any, where: str, what: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise InputError(where, f"{what} must be text, got {type(value).__name__}")
     return str(value)
+
+
+SCORE_RANGE = (1.0, 5.0)
+"""LaMP-3 review scores (golds and profile items)."""
+
+
+def _output(value: Any, task: Task, where: str, what: str) -> str:
+    """A gold or profile output; a regression task's (LaMP-3) must be a score in 1..5."""
+    text = _text(value, where, what)
+    if task.kind == "regression":
+        try:
+            number = float(text)
+        except ValueError:
+            number = float("nan")
+        if not SCORE_RANGE[0] <= number <= SCORE_RANGE[1]:
+            raise InputError(where, f"{what} must be a score from 1 to 5, got {text!r}")
+    return text
+
+
+def _distinct(ids: list[str], where: str, what: str) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise InputError(where, f"{what}: duplicate id {i!r}")
+        seen.add(i)
 
 
 def _items(profile: Any, task: Task, where: str, who: str) -> list[dict[str, str]]:
@@ -66,14 +111,15 @@ def _items(profile: Any, task: Task, where: str, who: str) -> list[dict[str, str
         items.append({
             "id": _text(raw.get("id", j) if isinstance(raw, dict) else j, where, f"{what} id"),
             "input": _text(_need(raw, in_key_j, where, what), where, f"{what} {in_key_j}"),
-            "output": _text(_need(raw, out_key_j, where, what), where, f"{what} {out_key_j}"),
+            "output": _output(_need(raw, out_key_j, where, what), task, where, f"{what} {out_key_j}"),
         })
+    _distinct([it["id"] for it in items], where, f"{who} profile")
     return items
 
 
 def _check_user_id(raw: Any, where: str, index: int) -> str:
     user_id = _text(raw, where, f"user #{index} user_id")
-    if not SAFE_ID.match(user_id) or user_id in {".", ".."}:
+    if not SAFE_ID.fullmatch(user_id) or user_id in {".", ".."}:
         raise InputError(where, f"user #{index}: user_id {user_id!r} is not a safe file name "
                                 "(letters, digits, '.', '_', '-'; at most 128)")
     return user_id
@@ -112,8 +158,9 @@ def read_processed(path: Path, task: Task, max_users: int = 0) -> list[dict]:
             queries.append({
                 "id": _text(_need(q, "id", where, what), where, f"{what} id"),
                 "input": _text(_need(q, "input", where, what), where, f"{what} input"),
-                "gold": _text(_need(q, "gold", where, what), where, f"{what} gold"),
+                "gold": _output(_need(q, "gold", where, what), task, where, f"{what} gold"),
             })
+        _distinct([q["id"] for q in queries], where, f"{who} queries")
         users.append({"user_id": user_id, "history": history, "queries": queries})
     return _finish(users, where, task, max_users)
 
@@ -147,10 +194,16 @@ def read_lamp(path: Path, outputs_path: str, task: Task, max_users: int = 0) -> 
     golds = {}
     for j, g in enumerate(golds_raw):
         gid = _text(_need(g, "id", where_o, f"gold {j}"), where_o, f"gold {j} id")
-        golds[gid] = _text(_need(g, "output", where_o, f"gold {j}"), where_o, f"gold {j} output")
+        if gid in golds:
+            raise InputError(where_o, f"gold {j}: duplicate id {gid!r}")
+        golds[gid] = _output(_need(g, "output", where_o, f"gold {j}"), task, where_o, f"gold {j} output")
     by_user: dict[str, dict] = {}
+    seen_q: set[str] = set()
     for i, q in enumerate(questions):
         qid = _text(_need(q, "id", where_q, f"question #{i}"), where_q, f"question #{i} id")
+        if qid in seen_q:
+            raise InputError(where_q, f"question #{i}: duplicate question id {qid!r}")
+        seen_q.add(qid)
         user_id = _check_user_id(q.get("user_id", qid) if isinstance(q, dict) else qid, where_q, i)
         who = f"user {user_id!r}"
         if qid not in golds:
@@ -159,6 +212,9 @@ def read_lamp(path: Path, outputs_path: str, task: Task, max_users: int = 0) -> 
         query = {"id": qid, "input": _text(_need(q, "input", where_q, who), where_q, f"{who} input"),
                  "gold": golds[qid]}
         if user_id in by_user:
+            if by_user[user_id]["history"] != history:
+                raise InputError(where_q, f"question #{i} ({qid!r}): {who} has another profile than in an "
+                                          "earlier question (one of them would be lost)")
             by_user[user_id]["queries"].append(query)
         else:
             by_user[user_id] = {"user_id": user_id, "history": history, "queries": [query]}
