@@ -7,6 +7,7 @@ Run: ``mta-ray <command> CONFIG [--out DIR] [key=value ...]``, e.g.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable
 
 from mta_ray.config import Config, load_config
 from mta_ray.core.methods import PROPOSED, TRAINED
-from mta_ray.errors import EXIT_INPUT_ERROR, InputError
+from mta_ray.errors import InputError, one_line
 
 OVERVIEW = """\
 Merge-then-Adapt (MTA) personalisation of an LLM for every user, on Ray.
@@ -187,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_paths(cfg: Config, args: argparse.Namespace) -> None:
+    """Before any work: ``--out`` (and ``--report``) must be a writable folder or creatable as one, and no
+    input may be a file the run writes into ``--out`` (it would overwrite what it reads)."""
+    from mta_ray.files.layout import RunLayout, check_writable_folder
+
+    for flag in ("out", "report"):
+        if getattr(args, flag, None) is not None:
+            check_writable_folder(Path(getattr(args, flag)), f"--{flag}")
+    if args.command in ("bench", "export", "study"):
+        return
+    run = RunLayout(args.out)
+    for key, value in (("data.path", cfg.data.path), ("data.outputs_path", cfg.data.outputs_path)):
+        if value and cfg.data.format != "synthetic" and run.overwrites(Path(value)):
+            raise InputError(key, f"{value} lies in --out {args.out}, where the run writes its outputs: "
+                                  "move the input out of the run folder, or choose another --out")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -202,11 +220,15 @@ def main(argv: list[str] | None = None) -> int:
                     Path("exported") if args.command == "export" else Path("runs") / Path(args.config).stem)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_paths(cfg, args)
         handler, _ = COMMANDS[args.command]
         return handler(cfg, args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_INPUT_ERROR
+    except Exception as exc:  # noqa: BLE001 - input, file-system and Ray worker errors become one line
+        reported = one_line(exc)
+        if reported is None or os.environ.get("MTA_RAY_TRACEBACK") == "1":
+            raise
+        print(reported[0], file=sys.stderr)
+        return reported[1]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -384,10 +384,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise InputError(str(path), "config file not found")
+    if not path.is_file():
+        raise InputError(str(path), "the config is not a regular file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(str(path), "the config is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read the config: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         at = f" (line {line + 1})" if line is not None else ""

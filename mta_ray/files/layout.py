@@ -11,6 +11,7 @@
   adapters/<label>/      personalize  a sharded adapter store per trained method (or study variant)
   report.json, report.md evaluate
   <step>.config.yaml     every stage  the resolved config of the last run of that step that did work
+  <step>.provenance.json every stage  what the step's output was made from (``files.provenance``)
 ```
 Stages read and write the folder through :class:`RunLayout`, never through each other.
 """
@@ -18,6 +19,8 @@ Stages read and write the folder through :class:`RunLayout`, never through each 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from mta_ray.config import Config, dump_yaml
 from mta_ray.core.adaptive import AnchorRetriever
 from mta_ray.errors import InputError
 from mta_ray.files.atomic import atomic_write_text
+from mta_ray.files.checksums import folder_checksums, verify_folder
 
 MANIFEST = "manifest.json"
 
@@ -55,6 +59,42 @@ class RunLayout:
     def resolved_config(self, step: str) -> Path:
         return self.root / f"{step}.config.yaml"
 
+    def provenance(self, step: str) -> Path:
+        return self.root / f"{step}.provenance.json"
+
+    def outputs(self) -> list[Path]:
+        """Everything a run writes at the top of the folder (files and folders)."""
+        return [self.users, self.personas, self.embeddings, self.clusters, self.anchors, self.bank,
+                self.adapters, self.report_json, self.report_md]
+
+    def overwrites(self, path: Path) -> bool:
+        """Whether a run into this folder writes ``path`` (one of its outputs, or inside one of them)."""
+        target = Path(os.path.abspath(path))
+        for out in self.outputs():
+            out = Path(os.path.abspath(out))
+            if target == out or out in target.parents:
+                return True
+        root = Path(os.path.abspath(self.root))
+        return target.parent == root and target.name.endswith((".config.yaml", ".provenance.json"))
+
+
+def check_writable_folder(path: Path, flag: str) -> None:
+    """``path`` is a folder this process can write into, or can be created as one (nothing is created)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(str(path), f"{flag} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(str(path), f"{flag} lies under {probe}, which is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise InputError(str(path), f"{flag}: cannot write into {probe}: {exc.strerror or exc}") from None
+
 
 def save_resolved(cfg: Config, folder: str | Path, step: str) -> Path:
     """Write the resolved config as ``<folder>/<step>.config.yaml`` (what made the outputs beside it)."""
@@ -74,15 +114,36 @@ def read_manifest(bank_dir: str | Path) -> dict[str, Any]:
     """The bank's manifest ``{"anchors": [{anchor_id, cluster, user_id, path, retrieval_emb, ...}]}``
     (no anchors when the bank has not been trained)."""
     path = Path(bank_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {"anchors": []}
+    if not path.is_file():
+        return {"anchors": []}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(manifest, dict) and isinstance(manifest["anchors"], list)
+        return manifest
+    except (ValueError, KeyError, AssertionError):
+        raise InputError(str(path), "the bank's manifest is damaged: delete the bank and rerun "
+                                    "`mta-ray bank`") from None
 
 
 def write_manifest(bank_dir: str | Path, anchors: list[dict[str, Any]]) -> None:
+    """Write the manifest; each anchor gets the checksums of its adapter's files (``files``) the first
+    time it is listed, and every read (:func:`anchor_paths`) verifies them."""
+    for a in anchors:
+        if "files" not in a:
+            a["files"] = folder_checksums(Path(bank_dir) / a["path"])
     atomic_write_text(Path(bank_dir) / MANIFEST, json.dumps({"anchors": anchors}, indent=1))
 
 
+def verify_bank(bank_dir: str | Path) -> None:
+    """Every anchor's files as the manifest recorded them, else an InputError naming the file and anchor."""
+    for a in read_manifest(bank_dir)["anchors"]:
+        verify_folder(Path(bank_dir) / a["path"], a.get("files") or {},
+                      f"anchor {a['anchor_id']}, user {a.get('user_id')!r}")
+
+
 def anchor_paths(bank_dir: str | Path) -> dict[str, Path]:
-    """Anchor id -> its PEFT adapter folder, for every anchor of the bank's manifest."""
+    """Anchor id -> its PEFT adapter folder, for every anchor of the bank's manifest (checksums verified)."""
+    verify_bank(bank_dir)
     return {a["anchor_id"]: Path(bank_dir) / a["path"] for a in read_manifest(bank_dir)["anchors"]}
 
 
