@@ -42,7 +42,7 @@ def _cmd_prepare(cfg: Config, args: argparse.Namespace) -> int:
     from mta_ray.stages.run import Step, run_step
 
     t0 = time.time()
-    s = run_step(Step("prepare"), cfg, args.out, force=args.force)
+    s = run_step(Step("prepare"), cfg, args.out, force=args.force, config_path=args.config)
     if s["skipped"]:
         print(f"prepare: {s['path']} is up to date ({s['users']} users); --force to rebuild")
     else:
@@ -56,7 +56,8 @@ def _stage(stage: str) -> Callable[[Config, argparse.Namespace], int]:
     def run(cfg: Config, args: argparse.Namespace) -> int:
         from mta_ray.stages.run import Step, run_step
 
-        print(f"{args.command}: {run_step(Step(stage, getattr(args, 'kind', '')), cfg, args.out)}")
+        step = Step(stage, getattr(args, "kind", ""))
+        print(f"{args.command}: {run_step(step, cfg, args.out, force=args.force, config_path=args.config)}")
         return 0
     return run
 
@@ -70,7 +71,8 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     if missing:
         raise InputError(str(args.out), f"no adapters for {missing}: run `mta-ray personalize --kind K` "
                                         "for each, or `mta-ray run`")
-    print(render_markdown(run_step(Step("evaluate"), cfg, args.out)))
+    print(render_markdown(run_step(Step("evaluate"), cfg, args.out, allow_missing=args.allow_missing,
+                                   config_path=args.config)))
     return 0
 
 
@@ -116,7 +118,7 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
 def _cmd_run(cfg: Config, args: argparse.Namespace) -> int:
     from mta_ray.stages.run import run_all
 
-    run_all(cfg, args.out, force_prepare=args.force)
+    run_all(cfg, args.out, force_prepare=args.force, allow_missing=args.allow_missing, config_path=args.config)
     return 0
 
 
@@ -183,8 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="folder for report.json/report.md/plots (default: <out>/report)")
             p.add_argument("--report-only", action="store_true",
                            help="rebuild the report from <out>'s cached predictions (no Ray, no GPU)")
-        if name in ("prepare", "run"):
-            p.add_argument("--force", action="store_true", help="rebuild outputs that are up to date")
+        if name in ("prepare", "embed", "cluster", "bank", "personalize", "run"):
+            p.add_argument("--force", action="store_true",
+                           help="retrain outputs made from other settings or data (refused without it); "
+                                "prepare: also rebuild an up-to-date users table")
+        if name in ("evaluate", "run"):
+            p.add_argument("--allow-missing", action="store_true",
+                           help="evaluate even when users lack adapters: report them as missing (their "
+                                "answers empty, scored as wrong) instead of refusing")
     return parser
 
 

@@ -52,10 +52,12 @@ def _requests(cfg: Config, out: Path, name: str, users: list[dict], plan: dict,
                                  "prompt": task.query_prompt(q["input"], u["history"], k)}
             if m.merges:
                 r["anchors"], r["weights"] = plan[u["user_id"]]
-            if m.trained:  # a user whose training failed falls back to the bare base
+            if m.trained:  # a user without an adapter is missing (the runner refuses or reports it), never the base
                 row = rows.get(u["user_id"])
                 if row is not None and row["status"] == "ok":
                     r["store"], r["row"] = str(store), row
+                else:
+                    r["missing"] = True
             reqs.append(r)
     return reqs
 
@@ -88,6 +90,7 @@ def predict(cfg: Config, out: Path, method_name: str, users: list[dict], plan: d
     for wi, o in enumerate(outs):
         for j, t in enumerate(o):
             texts[wi + j * len(workers)] = t
+    texts = ["" if r.get("missing") else t for r, t in zip(reqs, texts)]  # issue 21: no base in its place
     return reqs, texts
 
 

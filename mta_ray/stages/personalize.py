@@ -92,7 +92,13 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     merges = method(kind).merges
     bank_dir = bank_dir or run.bank
     store = AdapterStore(run.store(label or kind), cfg.adapt.shard_users)
-    done = store.stored_users()
+    removed = store.repair()
+    if removed:
+        print(f"personalize[{kind}]: removed what no index refers to from {store.path}: {', '.join(removed)}", flush=True)
+    done = store.finished_users()  # stored ok, or failed MAX_ATTEMPTS times; other failed users train again
+    retried = len(store.stored_users() - done)
+    if retried:
+        print(f"personalize[{kind}]: retrying {retried} users whose training failed before", flush=True)
     pending = iter_users_with_anchors(run.users, run.embeddings, bank_retriever(cfg, bank_dir) if merges else None,
                                       skip=done)
     first = next(pending, None)
@@ -103,7 +109,7 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     with worker_pool(cfg, None, workers) as pool:
         storing_s = _dispatch(cfg, kind, itertools.chain([first], pending), pool, store, progress,
                               str(bank_dir) if merges else None, negatives)
-    return {"kind": kind, "trained": progress.finished, "failed": progress.failed,
+    return {"kind": kind, "trained": progress.finished, "failed": progress.failed, "retried": retried,
             "stored": len(done) + progress.finished, "skipped": False, "seconds": round(time.time() - t0, 1),
             "storing_s": round(storing_s, 2)}
 

@@ -8,14 +8,19 @@ Run: ``mta-ray run configs/demo.yaml --out runs/demo`` (what ``make demo`` does)
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mta_ray.config import Config
-from mta_ray.core.methods import TRAINED
-from mta_ray.files.layout import save_resolved
+from mta_ray.core.methods import PROPOSED, TRAINED, method
+from mta_ray.errors import InputError
+from mta_ray.files import provenance
+from mta_ray.files.atomic import atomic_write_text
+from mta_ray.files.layout import RunLayout, save_resolved, verify_bank
 
 STAGES = ("prepare", "embed", "cluster", "bank", "personalize", "evaluate")
 MODEL_STAGES = ("bank", "personalize", "evaluate")
@@ -49,16 +54,131 @@ def pipeline_steps(cfg: Config) -> list[Step]:
 
 
 def run_step(step: Step, cfg: Config, out: Path, workers: list | None = None, timing: dict | None = None,
-             force: bool = False) -> dict[str, Any]:
+             force: bool = False, allow_missing: bool = False, config_path: str = "CONFIG") -> dict[str, Any]:
     """Run one stage into ``out`` and, when it did work, save the resolved config beside its output.
 
+    Before the stage: the outputs it reads must match the config (:mod:`mta_ray.files.provenance`), its
+    own output is redone when stale (prepare, embed, cluster) or refused unless ``force`` (bank,
+    personalize: ``force`` retrains), and model stages check the base model in the driver
+    (:mod:`mta_ray.engine.preflight`); evaluate refuses users without adapters unless ``allow_missing``.
     ``workers``: a model-worker pool to reuse (model stages); ``timing``: the earlier steps' seconds
-    (evaluate reports them); ``force``: prepare rebuilds an up-to-date users table.
+    (evaluate reports them); ``force``: also makes prepare rebuild an up-to-date users table.
     """
-    summary = _call(step, cfg, out, workers, timing, force)
+    run = RunLayout(out)
+    record = _check_provenance(step, cfg, run, force)
+    if step.uses_models:
+        _preflight(step, cfg, run)
+    missing = check_complete(cfg, run, allow_missing, config_path, out) if step.stage == "evaluate" else {}
+    summary = _call(step, cfg, out, workers, timing, force or bool(record and record[1]))
+    if record is not None:
+        provenance.write_record(run, record[0])
+    if missing:
+        _note_missing(run, summary, missing)
     if not summary.get("skipped"):
         save_resolved(cfg, out, step.label)
     return summary
+
+
+def _check_provenance(step: Step, cfg: Config, run: RunLayout,
+                      force: bool) -> tuple[provenance.Record, bool] | None:
+    """Refuse stale inputs; handle a stale own output; the record to write after the step (and whether the
+    step must rebuild). Resumable steps (bank, personalize) write their record now, before any work."""
+    if step.stage == "evaluate":
+        provenance.check_inputs(cfg, run, evaluate_inputs(cfg))
+        return None
+    if step.label not in provenance.UPSTREAM:
+        return None
+    provenance.check_inputs(cfg, run, provenance.UPSTREAM[step.label])
+    why = provenance.stale(cfg, run, step.label)
+    target = provenance.output_path(run, step.label)
+    rebuild = False
+    if why and step.label in provenance.REDONE:
+        print(f"{step.label}: {target} was {why}: rebuilding it", flush=True)
+        if target.is_dir():
+            shutil.rmtree(target)
+        rebuild = True
+    elif why and not force:
+        raise InputError(str(target.parent if step.stage == "bank" else target),
+                         f"{why}: pass --force to train it again, or use another --out")
+    elif why:
+        folder = run.bank if step.stage == "bank" else target
+        print(f"{step.label}: {folder} was {why}: removing it and training again (--force)", flush=True)
+        shutil.rmtree(folder)
+    record = provenance.expected_record(cfg, run, step.label)
+    if step.label not in provenance.REDONE:
+        provenance.write_record(run, record)
+    return record, rebuild
+
+
+def evaluate_inputs(cfg: Config) -> list[str]:
+    """The steps whose outputs evaluate reads."""
+    from mta_ray.stages.evaluate import required_kinds
+
+    merged = any(method(m).merges for m in cfg.eval.methods)
+    return ["prepare", "embed"] + (["bank"] if merged else []) + [f"personalize-{k}" for k in required_kinds(cfg)]
+
+
+def _preflight(step: Step, cfg: Config, run: RunLayout) -> None:
+    """The base model and target modules, checked here before a worker starts; the bank's checksums."""
+    from mta_ray.engine.preflight import check_model
+
+    if step.stage == "bank":
+        recipes = ["bank"]
+    elif step.stage == "personalize":
+        recipes = [method(step.kind or PROPOSED).recipe] + (["bank"] if method(step.kind or PROPOSED).merges else [])
+    else:
+        recipes = sorted({method(m).recipe for m in cfg.eval.methods if method(m).trained} | {"bank"})
+    check_model(cfg, recipes)
+    if step.stage != "bank" and run.bank.is_dir():
+        verify_bank(run.bank)
+
+
+def check_complete(cfg: Config, run: RunLayout, allow_missing: bool, config_path: str,
+                   out: Path) -> dict[str, int]:
+    """Users without an adapter of a method evaluate scores: refused (one line: how many, and the command
+    that trains them), or with ``allow_missing`` counted and reported as missing (their answers are
+    empty, so they score as wrong): never the bare base in the trained method's place."""
+    from mta_ray.files.store import MAX_ATTEMPTS, AdapterStore
+    from mta_ray.files.tables import iter_user_rows
+    from mta_ray.stages.evaluate import required_kinds
+
+    kinds = required_kinds(cfg)
+    if not kinds or not run.users.is_file():
+        return {}
+    users = {r["user_id"] for r in iter_user_rows(run.users, ["user_id"])}
+    missing = {}
+    for kind in kinds:
+        rows = AdapterStore(run.store(kind)).index().select(["user_id", "status"]).to_pylist()
+        ok = {r["user_id"] for r in rows if r["status"] == "ok"}
+        failures: dict[str, int] = {}
+        for r in rows:
+            if r["status"] != "ok" and r["user_id"] not in ok:
+                failures[r["user_id"]] = failures.get(r["user_id"], 0) + 1
+        lacking = users - ok
+        if not lacking:
+            continue
+        missing[kind] = len(lacking)
+        if allow_missing:
+            continue
+        exhausted = sum(1 for u in lacking if failures.get(u, 0) >= MAX_ATTEMPTS)
+        how = (f"`mta-ray personalize {config_path} --out {out} --kind {kind}` trains the "
+               f"{len(lacking) - exhausted} not yet trained or failed fewer than {MAX_ATTEMPTS} times"
+               if exhausted < len(lacking) else f"all of them failed {MAX_ATTEMPTS} times (the store's error column says why)")
+        raise InputError(str(run.store(kind)), f"{len(lacking)} of {len(users)} users have no {kind} adapter "
+                                               f"({len([u for u in lacking if u in failures])} failed): {how}; "
+                                               "or evaluate with --allow-missing to report them as missing")
+    return missing
+
+
+def _note_missing(run: RunLayout, report: dict, missing: dict[str, int]) -> None:
+    """Record the users evaluated without an adapter in the report (json and markdown)."""
+    from mta_ray.stages.evaluate import render_markdown
+
+    report["missing_users"] = missing
+    atomic_write_text(run.report_json, json.dumps(report, indent=1) + "\n")
+    note = "; ".join(f"{k}: {n} users had no adapter (answers left empty, scored as wrong)" for k, n in missing.items())
+    atomic_write_text(run.report_md, render_markdown(report) + f"\n## Missing adapters\n\n{note}\n")
+    print(f"evaluate: missing adapters reported: {note}", flush=True)
 
 
 def _call(step: Step, cfg: Config, out: Path, workers: list | None, timing: dict | None, force: bool) -> dict:
@@ -83,7 +203,8 @@ def _call(step: Step, cfg: Config, out: Path, workers: list | None, timing: dict
     raise ValueError(f"unknown stage {step.stage!r}; known: {', '.join(STAGES)}")
 
 
-def run_all(cfg: Config, out: Path, force_prepare: bool = False) -> dict:
+def run_all(cfg: Config, out: Path, force_prepare: bool = False, allow_missing: bool = False,
+            config_path: str = "CONFIG") -> dict:
     """Every step of :func:`pipeline_steps` in order; returns evaluate's report."""
     from mta_ray.stages.evaluate import render_markdown
 
@@ -95,7 +216,8 @@ def run_all(cfg: Config, out: Path, force_prepare: bool = False) -> dict:
             timing["before_evaluate_s"] = round(time.time() - t_start, 1)
         t0 = time.time()
         print(f"== {step.label}", flush=True)
-        report = run_step(step, cfg, out, timing=timing, force=force_prepare)
+        report = run_step(step, cfg, out, timing=timing, force=force_prepare, allow_missing=allow_missing,
+                          config_path=config_path)
         if step.stage != "evaluate":
             timing[f"{step.label}_s"] = round(time.time() - t0, 1)
         print(f"   {step.label}: {report if step.stage != 'evaluate' else 'done'} ({time.time() - t0:.1f}s)", flush=True)
