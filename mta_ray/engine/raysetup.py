@@ -56,9 +56,28 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False, **kwargs)
+        start_reaper(ray._private.worker._global_node.get_session_dir_path())
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False
+
+
+def start_reaper(session_dir: str) -> None:
+    """Watch this driver from a separate process that ends the embedded Ray's processes when the driver
+    dies without shutting Ray down (:mod:`mta_ray.engine.reaper`)."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-m", "mta_ray.engine.reaper", str(os.getpid()), session_dir],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, close_fds=True, env={**os.environ, "PYTHONPATH": _package_root()})
+
+
+def _package_root() -> str:
+    """The folder holding this ``mta_ray`` (so the watcher runs the same code as the driver)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rest = os.environ.get("PYTHONPATH", "")
+    return root + (os.pathsep + rest if rest else "")
 
 
 @dataclass

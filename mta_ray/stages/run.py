@@ -66,9 +66,9 @@ def run_step(step: Step, cfg: Config, out: Path, workers: list | None = None, ti
     """
     run = RunLayout(out)
     record = _check_provenance(step, cfg, run, force)
+    missing = check_complete(cfg, run, allow_missing, config_path, out) if step.stage == "evaluate" else {}
     if step.uses_models:
         _preflight(step, cfg, run)
-    missing = check_complete(cfg, run, allow_missing, config_path, out) if step.stage == "evaluate" else {}
     summary = _call(step, cfg, out, workers, timing, force or bool(record and record[1]))
     if record is not None:
         provenance.write_record(run, record[0])

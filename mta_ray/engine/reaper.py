@@ -1,0 +1,97 @@
+"""The embedded Ray never outlives its driver: a small watcher process ends the session's processes.
+
+``raysetup.init_ray`` starts it beside an embedded local Ray. It polls the driver; when the driver is
+gone (killed, crashed: no ``ray.shutdown`` ran), it ends every process of that Ray session: those whose
+command line names the session's folder (GCS, raylet, dashboard, monitors, agents) and all their
+descendants (workers, runtime-env and dashboard agents), SIGTERM first, SIGKILL after a grace period.
+It never touches another session's processes (no ``ray stop``). It exits on its own once the session
+has no process left (after a clean ``ray.shutdown``).
+
+Run (by ``init_ray``): ``python -m mta_ray.engine.reaper DRIVER_PID SESSION_DIR``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 0.5
+GRACE_S = 3.0
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can see."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(entry)] = (ppid, cmd)
+    return out
+
+
+def session_processes(session_dir: str, exclude: int | None = None) -> set[int]:
+    """The session's processes: those naming its folder, and their descendants."""
+    procs = _processes()
+    name = os.path.basename(session_dir.rstrip("/"))
+    found = {pid for pid, (_, cmd) in procs.items() if name in cmd and pid != exclude}
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and child != exclude:
+                found.add(child)
+                todo.append(child)
+    found.discard(os.getpid())
+    return found
+
+
+def end_session(session_dir: str) -> int:
+    """SIGTERM the session's processes, then SIGKILL what is left after the grace period; returns how many."""
+    pids = session_processes(session_dir)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.time() + GRACE_S
+        while time.time() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.1)
+        pids = {p for p in pids if alive(p)} | session_processes(session_dir)
+        if not pids:
+            break
+    return len(pids)
+
+
+def watch(driver: int, session_dir: str) -> None:
+    idle_checks = 0
+    while alive(driver):
+        time.sleep(POLL_S)
+        idle_checks += 1
+        if idle_checks % 20 == 0 and not session_processes(session_dir, exclude=driver):
+            return  # the driver shut its Ray down cleanly: nothing to watch
+    end_session(session_dir)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the terminal is for the driver
+    watch(int(sys.argv[1]), sys.argv[2])
