@@ -65,13 +65,14 @@ def run_step(step: Step, cfg: Config, out: Path, workers: list | None = None, ti
     (evaluate reports them); ``force``: also makes prepare rebuild an up-to-date users table.
     """
     run = RunLayout(out)
-    record = _check_provenance(step, cfg, run, force)
+    plan = _check_provenance(step, cfg, run, force)
     missing = check_complete(cfg, run, allow_missing, config_path, out) if step.stage == "evaluate" else {}
     if step.uses_models:
         _preflight(step, cfg, run)
-    summary = _call(step, cfg, out, workers, timing, force or bool(record and record[1]))
+    record = _prepare_output(step, cfg, run, plan)
+    summary = _call(step, cfg, out, workers, timing, force or bool(plan and plan[0]))
     if record is not None:
-        provenance.write_record(run, record[0])
+        provenance.write_record(run, record)
     if missing:
         _note_missing(run, summary, missing)
     if not summary.get("skipped"):
@@ -79,10 +80,9 @@ def run_step(step: Step, cfg: Config, out: Path, workers: list | None = None, ti
     return summary
 
 
-def _check_provenance(step: Step, cfg: Config, run: RunLayout,
-                      force: bool) -> tuple[provenance.Record, bool] | None:
-    """Refuse stale inputs; handle a stale own output; the record to write after the step (and whether the
-    step must rebuild). Resumable steps (bank, personalize) write their record now, before any work."""
+def _check_provenance(step: Step, cfg: Config, run: RunLayout, force: bool) -> tuple[bool, Path | None] | None:
+    """Refuse stale inputs, and a stale trained output unless ``force``; nothing is changed yet. Returns
+    None when the step keeps no record, else (rebuild: a stale quick output, what to remove first)."""
     if step.stage == "evaluate":
         provenance.check_inputs(cfg, run, evaluate_inputs(cfg))
         return None
@@ -90,24 +90,32 @@ def _check_provenance(step: Step, cfg: Config, run: RunLayout,
         return None
     provenance.check_inputs(cfg, run, provenance.UPSTREAM[step.label])
     why = provenance.stale(cfg, run, step.label)
+    if not why:
+        return False, None
     target = provenance.output_path(run, step.label)
-    rebuild = False
-    if why and step.label in provenance.REDONE:
+    folder = run.bank if step.stage == "bank" else target
+    if step.label in provenance.REDONE:
         print(f"{step.label}: {target} was {why}: rebuilding it", flush=True)
-        if target.is_dir():
-            shutil.rmtree(target)
-        rebuild = True
-    elif why and not force:
-        raise InputError(str(target.parent if step.stage == "bank" else target),
-                         f"{why}: pass --force to train it again, or use another --out")
-    elif why:
-        folder = run.bank if step.stage == "bank" else target
-        print(f"{step.label}: {folder} was {why}: removing it and training again (--force)", flush=True)
-        shutil.rmtree(folder)
+        return True, target if target.is_dir() else None
+    if not force:
+        raise InputError(str(folder), f"{why}: pass --force to train it again, or use another --out")
+    print(f"{step.label}: {folder} was {why}: removing it and training again (--force)", flush=True)
+    return False, folder
+
+
+def _prepare_output(step: Step, cfg: Config, run: RunLayout,
+                    plan: tuple[bool, Path | None] | None) -> provenance.Record | None:
+    """After every check passed: remove a stale output, and write the record of a resumable step (bank,
+    personalize) before its work starts; the record of a quick step is written after it (returned)."""
+    if plan is None:
+        return None
+    if plan[1] is not None:
+        shutil.rmtree(plan[1])
     record = provenance.expected_record(cfg, run, step.label)
-    if step.label not in provenance.REDONE:
-        provenance.write_record(run, record)
-    return record, rebuild
+    if step.label in provenance.REDONE:
+        return record
+    provenance.write_record(run, record)
+    return None
 
 
 def evaluate_inputs(cfg: Config) -> list[str]:
