@@ -472,3 +472,56 @@ def test_evaluate_refuses_users_without_adapters(tmp_path, capsys, tiny_model_di
     one_error_line(err, "adapters/adapt_only", "3 of 8 users have no adapt_only adapter (1 failed)",
                    f"mta-ray personalize {DEMO} --out {out} --kind adapt_only", "--allow-missing")
     assert not (out / "report.json").exists()
+
+
+# --------------------------------------------------------------------------- class 8: processes left behind
+
+def _ray_session_of(pid: int, timeout: float = 240) -> str | None:
+    """The session folder of the embedded Ray a driver started (from its GCS server's command line)."""
+    import time
+
+    from mta_ray.engine.reaper import _processes
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for _, (ppid, cmd) in _processes().items():
+            if ppid == pid and "gcs_server" in cmd and "session_" in cmd:
+                part = cmd.split("/session_", 1)[1].split("/", 1)[0]
+                return f"/tmp/ray/session_{part}"
+        time.sleep(0.5)
+    return None
+
+
+@pytest.mark.slow
+def test_killing_the_driver_leaves_no_ray_process(tmp_path, capsys):
+    """Start the CLI (it starts an embedded Ray), SIGKILL the driver alone, and check that every process of
+    that Ray session (found by its session folder and their descendants, never `ray stop`) is gone."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mta_ray.engine.reaper import alive, session_processes
+
+    out = _prepared(tmp_path, capsys)
+    proc = subprocess.Popen([sys.executable, "-m", "mta_ray.cli", "embed", DEMO, *SMALL, "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    session = _ray_session_of(proc.pid)
+    assert session, "the driver never started Ray"
+    deadline = time.time() + 60
+    agents: set[int] = set()
+    while time.time() < deadline and len(agents) < 2:
+        agents = {p for p in session_processes(session) if alive(p) and
+                  b"agent" in Path(f"/proc/{p}/cmdline").read_bytes().lower()}
+        time.sleep(0.5)   # wait until the dashboard and runtime-env agents are up
+    before = session_processes(session)
+    assert len(agents) >= 2 and agents <= before and proc.poll() is None
+    time.sleep(3)         # the driver's watcher has seen them
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    watched = before | agents
+    while time.time() < deadline and [p for p in watched | session_processes(session) if alive(p)]:
+        time.sleep(0.5)
+    left = [p for p in watched | session_processes(session) if alive(p)]
+    assert not left, [open(f"/proc/{p}/cmdline", "rb").read()[:120] for p in left]

@@ -64,9 +64,11 @@ def session_processes(session_dir: str, exclude: int | None = None) -> set[int]:
     return found
 
 
-def end_session(session_dir: str) -> int:
-    """SIGTERM the session's processes, then SIGKILL what is left after the grace period; returns how many."""
-    pids = session_processes(session_dir)
+def end_session(session_dir: str, known: set[int] = frozenset()) -> int:
+    """SIGTERM the session's processes (and ``known``: those seen while the driver lived, which the agents
+    are once the raylet died and they lost their parent and renamed themselves ``ray::...``), then
+    SIGKILL what is left after the grace period; returns how many were left."""
+    pids = session_processes(session_dir) | {p for p in known if alive(p)}
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -83,13 +85,17 @@ def end_session(session_dir: str) -> int:
 
 
 def watch(driver: int, session_dir: str) -> None:
-    idle_checks = 0
+    """Poll the driver; remember the session's processes as they appear; end them when the driver dies."""
+    polls, known = 0, set()
     while alive(driver):
         time.sleep(POLL_S)
-        idle_checks += 1
-        if idle_checks % 20 == 0 and not session_processes(session_dir, exclude=driver):
-            return  # the driver shut its Ray down cleanly: nothing to watch
-    end_session(session_dir)
+        polls += 1
+        if polls % 4 == 0:
+            current = session_processes(session_dir, exclude=driver)
+            if polls >= 20 and not current:
+                return  # the driver shut its Ray down cleanly: nothing to watch
+            known = {p for p in known if alive(p)} | current
+    end_session(session_dir, known)
 
 
 if __name__ == "__main__":
