@@ -1,0 +1,111 @@
+"""Runs that never lie, end to end on a local Ray with a tiny model (issue 21): stale adapters refused and
+retrained with --force, an incomplete run refused or reported as missing, a damaged shard named by a
+worker in one line, and a rerun after a lost index leaves no orphan in the storage figures."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mta_ray.cli import main
+from mta_ray.files.store import AdapterStore
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs/demo.yaml")
+SMALL = ["data.synthetic.num_users=8", "data.synthetic.active_items=10", "data.synthetic.queries_per_user=1",
+         "adapt.epochs=1", "bank.epochs=1", "eval.bootstrap=50", "model.max_prompt_tokens=192",
+         "eval.max_new_tokens=4", "bank.num_clusters=4", "eval.methods=[base, merged_only, mta]",
+         "adapt.shard_users=2"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["run", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
+    yield out
+    import ray
+    ray.shutdown()
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    return out
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mta_ray.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_changed_adapter_settings_are_refused_then_retrained_with_force(run_dir, tiny_model_dir, tmp_path, capsys):
+    out = _copy(run_dir, tmp_path)
+    store = out / "adapters" / "mta"
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    code = main(["personalize", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL, "adapt.rank=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "adapters/mta: made with adapt.rank=4, the config has 2: pass --force" in err
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before        # nothing lost or changed
+    assert main(["personalize", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL, "adapt.rank=2",
+                 "--force"]) == 0
+    said = capsys.readouterr().out
+    assert "removing it and training again (--force)" in said
+    layout = json.loads((store / "layout.json").read_text())
+    assert all(a_shape[0] == 2 for _, a_shape, _ in layout)                  # really retrained at rank 2
+    assert len(AdapterStore(store).finished_users()) == 8
+    code = main(["evaluate", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and "made with adapt.rank=2, the config has 4" in err    # the report would claim rank 4
+    assert (out / "report.json").read_bytes() == (run_dir / "report.json").read_bytes()
+
+
+def test_incomplete_run_is_refused_or_reported_missing_then_completed_without_orphans(run_dir, tiny_model_dir,
+                                                                                        tmp_path, capsys):
+    out = _copy(run_dir, tmp_path)
+    store = out / "adapters" / "mta"
+    (store / "index-00001.parquet").unlink()              # a killed or damaged run: two users lost their index
+    code = main(["evaluate", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "2 of 8 users have no mta adapter (0 failed)" in err and "--kind mta" in err
+    assert main(["evaluate", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL,
+                 "--allow-missing"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["missing_users"] == {"mta": 2} and "Missing adapters" in (out / "report.md").read_text()
+    assert report["methods"]["mta"]["n"] == 8
+    capsys.readouterr()
+    assert main(["personalize", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
+    said = capsys.readouterr().out
+    assert "removed what no index refers to" in said and "shard-00001.safetensors" in said
+    indexed = {r["shard"] for r in AdapterStore(store).index().to_pylist()}
+    shards = {p.name for p in store.glob("shard-*.safetensors")}
+    assert shards == indexed and len(AdapterStore(store).finished_users()) == 8   # no orphan counted
+    assert main(["evaluate", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "missing_users" not in report
+    on_disk = sum(p.stat().st_size for p in store.iterdir() if p.is_file())
+    assert report["storage"]["mta_bytes"] == on_disk
+
+
+def test_a_damaged_shard_read_by_a_worker_is_one_line_naming_file_and_user(run_dir, tiny_model_dir, tmp_path):
+    out = _copy(run_dir, tmp_path)
+    store = AdapterStore(out / "adapters" / "mta")
+    row = store.rows_by_user()["synth-00003"]
+    shard = store.path / row["shard"]
+    raw = bytearray(shard.read_bytes())
+    raw[row["offset"] + 4:row["offset"] + 8] = b"\x01\x02\x03\x04"
+    shard.write_bytes(bytes(raw))
+    done = _cli("evaluate", DEMO, "--out", out, f"model.base={tiny_model_dir}", *SMALL, "ray.num_cpus=1")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert str(shard) in lines[0] and "checksum mismatch for user 'synth-00003'" in lines[0]
+    assert (out / "report.json").read_bytes() == (run_dir / "report.json").read_bytes()   # not overwritten
