@@ -109,3 +109,20 @@ def test_a_damaged_shard_read_by_a_worker_is_one_line_naming_file_and_user(run_d
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert str(shard) in lines[0] and "checksum mismatch for user 'synth-00003'" in lines[0]
     assert (out / "report.json").read_bytes() == (run_dir / "report.json").read_bytes()   # not overwritten
+
+
+def test_a_damaged_bank_file_is_refused_in_the_driver(run_dir, tiny_model_dir, tmp_path, capsys):
+    out = _copy(run_dir, tmp_path)
+    manifest = json.loads((out / "bank" / "manifest.json").read_text())
+    anchor = manifest["anchors"][-1]
+    weights = next((out / "bank" / anchor["path"]).glob("*.safetensors"))
+    raw = bytearray(weights.read_bytes())
+    raw[-6:-2] = b"\x00\x7f\x00\x7f"
+    weights.write_bytes(bytes(raw))
+    for command in ("personalize", "evaluate"):
+        code = main([command, DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1
+        assert str(weights) in err and f"checksum mismatch (anchor {anchor['anchor_id']}, user " \
+                                       f"{anchor['user_id']!r})" in err
+    assert (out / "report.json").read_bytes() == (run_dir / "report.json").read_bytes()
