@@ -13,7 +13,7 @@ from typing import Any
 from mta_ray.config import Config
 from mta_ray.core.lora import adapts_all_linear
 from mta_ray.errors import InputError
-from mta_ray.files.models import RANDOM_PREFIX, SHAPES, converted_gguf_dir, random_shape, resolve_ref
+from mta_ray.files.models import SHAPES, converted_gguf_dir, random_shape, resolve_ref
 
 GGUF_MAGIC = b"GGUF"
 
@@ -76,18 +76,12 @@ def check_targets(model: Any, targets: list[str], key: str) -> None:
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
     unknown = [t for t in targets if t not in names]
     if unknown or not targets:
-        raise InputError(key, f"{unknown or targets} name no linear layer of {cfg_name(model)}; its linear "
+        raise InputError(key, f"{unknown or targets} name no linear layer of {type(model).__name__}; its linear "
                               f"layers: {', '.join(sorted(names))}")
-
-
-def cfg_name(model: Any) -> str:
-    return type(model).__name__
 
 
 def check_model(cfg: Config, recipes: list[str]) -> None:
     """The base loads as a model and each recipe's (``bank``, ``adapt``, ``oppu``) target modules exist."""
-    if cfg.model.base.startswith(RANDOM_PREFIX):
-        random_shape(cfg.model.base)
     model = skeleton(cfg)
     for recipe in recipes:
         check_targets(model, list(getattr(cfg, recipe).target_modules), f"{recipe}.target_modules")
