@@ -91,6 +91,7 @@ def test_incomplete_run_is_refused_or_reported_missing_then_completed_without_or
     assert main(["evaluate", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
     report = json.loads((out / "report.json").read_text())
     assert "missing_users" not in report
+    assert set(report["provenance"]) == {"prepare", "embed", "bank", "personalize-mta"}   # what it was made from
     on_disk = sum(p.stat().st_size for p in store.iterdir() if p.is_file())
     assert report["storage"]["mta_bytes"] == on_disk
 
@@ -126,3 +127,42 @@ def test_a_damaged_bank_file_is_refused_in_the_driver(run_dir, tiny_model_dir, t
         assert str(weights) in err and f"checksum mismatch (anchor {anchor['anchor_id']}, user " \
                                        f"{anchor['user_id']!r})" in err
     assert (out / "report.json").read_bytes() == (run_dir / "report.json").read_bytes()
+
+
+def test_run_with_other_data_rebuilds_quick_stages_then_refuses_the_trained_bank(run_dir, tiny_model_dir, tmp_path,
+                                                                                 capsys):
+    """The issue's example: the same run folder with another synthetic seed."""
+    out = _copy(run_dir, tmp_path)
+    bank_before = (out / "bank" / "manifest.json").read_bytes()
+    code = main(["run", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL, "data.synthetic.seed=7"])
+    captured = capsys.readouterr()
+    assert code == 2
+    for step in ("prepare", "embed", "cluster"):
+        assert f"{step}: " in captured.out and "made with data.synthetic.seed=0, the config has 7: rebuilding" \
+            in captured.out
+    assert captured.err.count("\n") == 1
+    assert "bank: made with data.synthetic.seed=0, the config has 7: pass --force" in captured.err
+    assert (out / "bank" / "manifest.json").read_bytes() == bank_before       # nothing lost
+    code = main(["personalize", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL,
+                 "data.synthetic.seed=7"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bank/manifest.json: made with data.synthetic.seed=0" in err and "mta-ray bank" in err
+
+
+def test_failed_users_are_retried_on_rerun_and_recorded(run_dir, tiny_model_dir, tmp_path, capsys):
+    out = _copy(run_dir, tmp_path)
+    store_dir = out / "adapters" / "mta"
+    lost = [r["user_id"] for r in AdapterStore(store_dir).index().to_pylist() if r["shard"] == "shard-00003.safetensors"]
+    (store_dir / "index-00003.parquet").unlink()
+    (store_dir / "shard-00003.safetensors").unlink()
+    store = AdapterStore(store_dir, shard_users=8)
+    for u in lost:                                         # an earlier run diverged on these users
+        store.add(u, None, [], [], 3, float("nan"), status="diverged", error="loss is nan")
+    store.flush()
+    assert main(["personalize", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
+    said = capsys.readouterr().out
+    assert f"retrying {len(lost)} users whose training failed before" in said
+    rows = AdapterStore(store_dir).index().to_pylist()
+    for u in lost:
+        assert [r["status"] for r in rows if r["user_id"] == u] == ["diverged", "ok"]   # both attempts recorded
+    assert len(AdapterStore(store_dir).finished_users()) == 8

@@ -73,8 +73,8 @@ def run_step(step: Step, cfg: Config, out: Path, workers: list | None = None, ti
     summary = _call(step, cfg, out, workers, timing, force or bool(plan and plan[0]))
     if record is not None:
         provenance.write_record(run, record)
-    if missing:
-        _note_missing(run, summary, missing)
+    if step.stage == "evaluate":
+        _annotate_report(cfg, run, summary, missing)
     if not summary.get("skipped"):
         save_resolved(cfg, out, step.label)
     return summary
@@ -178,15 +178,21 @@ def check_complete(cfg: Config, run: RunLayout, allow_missing: bool, config_path
     return missing
 
 
-def _note_missing(run: RunLayout, report: dict, missing: dict[str, int]) -> None:
-    """Record the users evaluated without an adapter in the report (json and markdown)."""
+def _annotate_report(cfg: Config, run: RunLayout, report: dict, missing: dict[str, int]) -> None:
+    """Add to the report the provenance hashes of the outputs it was computed from and, when some users
+    were evaluated without an adapter (``--allow-missing``), how many (json; markdown too when missing)."""
     from mta_ray.stages.evaluate import render_markdown
 
-    report["missing_users"] = missing
+    records = {s: provenance.read_record(run, s) for s in evaluate_inputs(cfg)}
+    report["provenance"] = {s: r.hash for s, r in records.items() if r is not None}
+    if missing:
+        report["missing_users"] = missing
     atomic_write_text(run.report_json, json.dumps(report, indent=1) + "\n")
-    note = "; ".join(f"{k}: {n} users had no adapter (answers left empty, scored as wrong)" for k, n in missing.items())
-    atomic_write_text(run.report_md, render_markdown(report) + f"\n## Missing adapters\n\n{note}\n")
-    print(f"evaluate: missing adapters reported: {note}", flush=True)
+    if missing:
+        note = "; ".join(f"{k}: {n} users had no adapter (answers left empty, scored as wrong)"
+                         for k, n in missing.items())
+        atomic_write_text(run.report_md, render_markdown(report) + f"\n## Missing adapters\n\n{note}\n")
+        print(f"evaluate: missing adapters reported: {note}", flush=True)
 
 
 def _call(step: Step, cfg: Config, out: Path, workers: list | None, timing: dict | None, force: bool) -> dict:
