@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import shutil
 import typing
 from pathlib import Path
 
