@@ -84,18 +84,31 @@ def end_session(session_dir: str, known: set[int] = frozenset()) -> int:
     return len(pids)
 
 
+def _log(session_dir: str, text: str) -> None:
+    """A line in ``<session>/logs/mta_ray_reaper.log`` (what the watcher saw and ended)."""
+    try:
+        with open(Path(session_dir) / "logs" / "mta_ray_reaper.log", "a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {text}\n")
+    except OSError:
+        pass
+
+
 def watch(driver: int, session_dir: str) -> None:
     """Poll the driver; remember the session's processes as they appear; end them when the driver dies."""
+    _log(session_dir, f"watching driver {driver}")
     polls, known = 0, set()
     while alive(driver):
         time.sleep(POLL_S)
         polls += 1
-        if polls % 4 == 0:
+        if polls < 120 or polls % 4 == 0:  # often while Ray starts its agents, then every 2 s
             current = session_processes(session_dir, exclude=driver)
             if polls >= 20 and not current:
+                _log(session_dir, "the session has no process left: done")
                 return  # the driver shut its Ray down cleanly: nothing to watch
             known = {p for p in known if alive(p)} | current
-    end_session(session_dir, known)
+    _log(session_dir, f"driver {driver} is gone: ending {sorted(known)}")
+    left = end_session(session_dir, known)
+    _log(session_dir, f"{left} processes left")
 
 
 if __name__ == "__main__":
