@@ -265,7 +265,7 @@ class RayConfig:
 
 @dataclass
 class BenchConfig:
-    """Benchmarks (``mta-ray bench throughput|scalability|pipeline|memory``)."""
+    """Benchmarks (``mta-ray bench throughput|scalability|pipeline|memory|evaluate``)."""
 
     shape: str = "llama3-8b"
     """Model: a named random-weight shape (``llama3-8b``, ``tiny``) or ``real`` (``model.base``)."""
@@ -289,6 +289,14 @@ class BenchConfig:
     """``bench memory``: user counts whose stages' peak driver memory is compared."""
     gpu_counts: list[int] = field(default_factory=lambda: [1, 2])
     """``bench pipeline``: personalize throughput on each of these numbers of GPUs (those the cluster has)."""
+    evaluate_queries: list[int] = field(default_factory=lambda: [1_000_000])
+    """``bench evaluate``: query counts whose report statistics are timed (synthetic predictions)."""
+    evaluate_methods: int = 8
+    """``bench evaluate``: methods per report (each with its own predictions file)."""
+    evaluate_queries_per_user: int = 1
+    """``bench evaluate``: queries per user (LaMP: 1; fewer users per query make the bootstrap cheaper)."""
+    evaluate_tasks: list[str] = field(default_factory=lambda: ["lamp4", "lamp2"])
+    """``bench evaluate``: tasks timed, e.g. a generation task (ROUGE) and a classification one (macro-F1)."""
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -298,6 +306,9 @@ class BenchConfig:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
         if not self.gpu_counts or min(self.gpu_counts) < 1:
             raise ValueError("gpu_counts must be a non-empty list of GPU counts >= 1")
+        if not self.evaluate_queries or min(self.evaluate_queries) < 1 or self.evaluate_methods < 1 \
+                or self.evaluate_queries_per_user < 1:
+            raise ValueError("evaluate_queries, evaluate_methods and evaluate_queries_per_user must be >= 1")
 
 
 @dataclass

@@ -97,25 +97,23 @@ def n_sum_columns(task: Task) -> int:
     return 2 + 3 * len(task.labels) if task.kind == "classification" else 3
 
 
-def user_sums(task: Task, scores: dict[str, np.ndarray], users: np.ndarray, n_users: int) -> Any:
+def user_sums(task: Task, scores: dict[str, np.ndarray], users: np.ndarray, n_users: int) -> np.ndarray:
     """(n_users, :func:`n_sum_columns`) sums of the queries of each user (``users``: each query's user,
-    0..n_users-1). Dense for regression and generation; a scipy sparse matrix for classification (a user
-    touches a few of the 3 x labels confusion columns)."""
+    0..n_users-1). Dense: callers sum a block of users at a time."""
     users = np.asarray(users, dtype=np.int64)
     if task.kind != "classification":
         a, b = SCORE_COLUMNS[task.kind]
         cols = [np.ones(len(users)), np.asarray(scores[a], np.float64), np.asarray(scores[b], np.float64)]
         return np.stack([np.bincount(users, weights=c, minlength=n_users) for c in cols], axis=1)
-    from scipy import sparse
-
     C = len(task.labels)
+    k = 2 + 3 * C
     p, g = np.asarray(scores["pred_label"], np.int64), np.asarray(scores["gold_label"], np.int64)
     correct = np.asarray(scores["correct"], bool)   # as LaMP counts it: also both outside the label set
     right = correct & (g >= 0)                       # a true positive of a label
     rows = np.concatenate([users, users[correct], users[right], users[p >= 0], users[g >= 0]])
     cols = np.concatenate([np.zeros(len(users), np.int64), np.ones(int(correct.sum()), np.int64), 2 + g[right],
                            2 + C + p[p >= 0], 2 + 2 * C + g[g >= 0]])
-    return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_users, 2 + 3 * C))
+    return np.bincount(rows * k + cols, minlength=n_users * k).reshape(n_users, k).astype(np.float64)
 
 
 def metrics_from_sums(task: Task, sums: np.ndarray) -> dict[str, np.ndarray]:
@@ -138,7 +136,7 @@ def metrics_from_sums(task: Task, sums: np.ndarray) -> dict[str, np.ndarray]:
 def total_sums(task: Task, scores: dict[str, np.ndarray]) -> np.ndarray:
     """All queries' sums as one row."""
     n = len(next(iter(scores.values()))) if scores else 0
-    return np.asarray(user_sums(task, scores, np.zeros(n, np.int64), 1).sum(axis=0)).reshape(-1)
+    return user_sums(task, scores, np.zeros(n, np.int64), 1)[0]
 
 
 def score(task: Task, preds: Sequence[str], golds: Sequence[str]) -> dict[str, float]:
