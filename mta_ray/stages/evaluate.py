@@ -205,13 +205,14 @@ def _loss_plot(cfg: Config, run: RunLayout, title: str) -> bool:
     return loss_curves_png(curves, run.loss_curves_png, f"{title}: training loss per optimizer step")
 
 
-def statistics_from_files(cfg: Config, task: Task, paths: dict[str, Path]) -> dict[str, Any]:
+def statistics_from_files(cfg: Config, task: Task, paths: dict[str, Path], block_users: int | None = None) -> dict[str, Any]:
     """Each method's metrics with 95% bootstrap intervals over users, and MTA's paired comparisons with
-    every other method on the same resamples, streamed from the predictions files."""
+    every other method on the same resamples, streamed from the predictions files a block of
+    ``block_users`` users at a time (default: :class:`UserBootstrap`'s)."""
     users = {m: n_users(p) for m, p in paths.items()}
     if len(set(users.values())) > 1:
         raise InputError(str(next(iter(paths.values())).parent), f"predictions files disagree on the users: {users}")
-    boot = UserBootstrap(max(users.values(), default=0), cfg.eval.bootstrap, cfg.seed)
+    boot = UserBootstrap(max(users.values(), default=0), cfg.eval.bootstrap, cfg.seed, block_users)
     stats = method_stats(task, boot, score_blocks(task, paths, boot))
     results = {m: {"metrics": stats.point[m], "n": stats.n[m], "ci95": stats.ci95(m),
                    "examples": first_rows(p)} for m, p in paths.items()}

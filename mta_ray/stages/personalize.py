@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,7 +62,6 @@ class _Progress:
 
     kind: str
     expected: int
-    t0: float = field(default_factory=time.time)
     finished: int = 0
     failed: int = 0
 
