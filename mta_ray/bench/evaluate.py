@@ -138,6 +138,7 @@ def _measure(task: Task, work: Path, n: int, cfg: Config, config_path: str, over
             "seconds": round(child["seconds"], 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
             "write_predictions_s": round(write_s, 1), "rouge_queries_per_s": round(rouge, 1),
             "machine": f"{os.cpu_count()} CPUs (shared with other jobs while measured)",
+            "load_average_1m": round(os.getloadavg()[0], 1),
             "example_first_method": {"metrics": child["first_method"], "ci95": child["first_ci95"]},
             "note": "statistics only (per-query scores are computed once by evaluate as batches finish); "
                     "peak RSS of the process that builds them from the predictions files"}

@@ -120,8 +120,7 @@ def _predict_to_files(cfg: Config, out: Path, workers: list | None, task: Task) 
     retrieve = bank_retriever(cfg, run.bank) if any(method(m).merges for m in cfg.eval.methods) else None
     users = (u for u in iter_users_with_anchors(run.users, run.embeddings, retrieve,
                                                 columns=("user_id", "history", "queries")) if u["queries"])
-    total = sum(len(q) for q in _query_counts(run))
-    progress = Progress("evaluate", "queries", total * len(cfg.eval.methods))
+    progress = Progress("evaluate", "queries", _count_queries(run) * len(cfg.eval.methods))
     writers = {m: PredictionsWriter(run.predictions(m), task) for m in cfg.eval.methods}
     n_users = n_queries = 0
     try:
@@ -144,13 +143,13 @@ def _predict_to_files(cfg: Config, out: Path, workers: list | None, task: Task) 
     return n_queries
 
 
-def _query_counts(run: RunLayout):
-    """Each user's number of queries, read a row group at a time (for the progress total)."""
+def _count_queries(run: RunLayout) -> int:
+    """Queries in the users table, read a row group at a time (the progress line's total)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     f = pq.ParquetFile(run.users)
-    for batch in f.iter_batches(columns=["queries"]):
-        yield from ([None] * n for n in batch.column(0).value_lengths().to_numpy(zero_copy_only=False))
+    return sum(int(pc.sum(pc.list_value_length(b.column(0))).as_py() or 0) for b in f.iter_batches(columns=["queries"]))
 
 
 def _rows_of(index, plan: dict) -> dict[str, dict]:
