@@ -8,10 +8,11 @@ one-sided bootstrap p-value).
 Score once, resample cheaply: every metric is a function of per-user sums
 (:func:`mta_ray.core.metrics.user_sums`), so a resample's metric is the metric of ``weights @ sums``,
 where ``weights[u]`` is how often user u was drawn. Nothing is rescored. The weights are drawn for
-blocks of consecutive users (:class:`UserBootstrap`): first how many of the n draws land in each block
-(one multinomial), then which users of the block they hit. That is exactly n users drawn uniformly with
+chunks of consecutive users (:class:`UserBootstrap`): first how many of the n draws land in each chunk
+(one multinomial), then which users of the chunk they hit. That is exactly n users drawn uniformly with
 replacement, but only one block's weights exist at a time, so memory stays flat in users, and every
-method sees the same weights (paired tests).
+method sees the same weights (paired tests). Measured: 1,000,000 queries x 8 methods x 1,000 resamples
+in about a minute on 2 busy CPU cores (``mta-ray bench evaluate``).
 """
 
 from __future__ import annotations

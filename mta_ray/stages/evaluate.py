@@ -4,9 +4,12 @@ Methods (``eval.methods``): ``base`` (no training, RAG prompt with
 ``data.history_k`` items), ``rag_k1/3/5`` (BM25 top-k history in the prompt),
 ``oppu`` (a per-user LoRA from scratch), ``adapt_only`` (stacked adapter on the
 bare base), ``merged_only`` (merged anchors, no stacked adapter) and ``mta``.
-Each row of a generation batch uses its own user's adapters. 95% intervals
-come from a bootstrap over users; ``comparisons`` holds paired bootstrap
-differences of MTA against every other method on the same users.
+Each row of a generation batch uses its own user's adapters. Every answer is
+parsed and scored once and written, with its scores, to ``predictions/<method>.parquet``
+as its batch finishes; the report is built from those files alone (rebuild:
+``--report-only``). 95% intervals come from a bootstrap over users
+(:mod:`mta_ray.core.statistics`: resampled per-user sums); ``comparisons`` holds
+paired bootstrap differences of MTA against every other method on the same users.
 
 Run: ``mta-ray evaluate configs/demo.yaml --out runs/demo`` (after ``personalize``).
 """
