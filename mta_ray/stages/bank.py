@@ -107,11 +107,13 @@ def _train(cfg: Config, payload: list[dict], bank_dir: Path, workers: list | Non
     from mta_ray.engine.raysetup import init_ray
     from mta_ray.engine.workers import ANCHOR, worker_pool
 
-    if cfg.bank.engine == "deepspeed":  # trains the anchors one after the other and returns them together
+    if cfg.bank.engine == "deepspeed":
         from mta_ray.engine.deepspeed_bank import train_anchors
 
-        init_ray(cfg)
-        yield from train_anchors(cfg, payload, bank_dir, negatives).values()
+        init_ray(cfg)  # ZeRO-3 runs one Ray Train job per anchor anyway: hand each over as it finishes;
+        groups = [[p] for p in payload] if cfg.bank.deepspeed.zero_stage == 3 else [payload]  # ZeRO-2: one job
+        for group in groups:
+            yield from train_anchors(cfg, group, bank_dir, negatives).values()
         return
     with worker_pool(cfg, None, workers) as pool:
         pending = [pool[i % len(pool)].train.remote(ANCHOR, [p], cfg, negatives=negatives)
