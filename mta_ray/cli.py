@@ -28,7 +28,7 @@ Stages (each reads the previous one's files in --out and skips work already done
   personalize  merge top-K anchors + train a stacked rank-4 adapter per user -> adapters/
   evaluate     LaMP metrics for MTA and baselines -> report.json, report.md
   run          all of the above in order
-  bench        throughput / scalability / pipeline (GPU memory, GPUs) / memory (driver) -> JSON
+  bench        throughput / scalability / pipeline (GPU memory, GPUs) / memory (driver) / evaluate -> JSON
   export       one user's personalised model as a PEFT adapter
   study        real-data study (2-fold cross-banking, validation-chosen settings,
                every baseline and ablation, bootstrap CIs, plots)
@@ -67,6 +67,11 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from mta_ray.stages.evaluate import render_markdown, required_kinds
     from mta_ray.stages.run import Step, run_step
 
+    if args.report_only:
+        from mta_ray.stages.evaluate import build_report
+
+        print(render_markdown(build_report(cfg, args.out, _previous_timing(args.out))))
+        return 0
     missing = [k for k in required_kinds(cfg) if not RunLayout(args.out).store(k).exists()]
     if missing:
         raise InputError(str(args.out), f"no adapters for {missing}: run `mta-ray personalize --kind K` "
@@ -74,6 +79,16 @@ def _cmd_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     print(render_markdown(run_step(Step("evaluate"), cfg, args.out, allow_missing=args.allow_missing,
                                    config_path=args.config)))
     return 0
+
+
+def _previous_timing(out: Path) -> dict:
+    """The timing of the report being rebuilt (the predictions files do not hold it)."""
+    import json
+
+    from mta_ray.files.layout import RunLayout
+
+    path = RunLayout(out).report_json
+    return json.loads(path.read_text()).get("timing", {}) if path.is_file() else {}
 
 
 def _cmd_export(cfg: Config, args: argparse.Namespace) -> int:
@@ -92,6 +107,7 @@ BENCHMARKS = {
     "scalability": "MTA vs OPPU time, GPU-hours and storage for N users",
     "pipeline": "every stage's time and peak GPU memory, then personalize on 1..G GPUs",
     "memory": "each stage's peak driver memory for N and 10N users",
+    "evaluate": "time and peak memory of the report's statistics for N queries x M methods (CPU)",
 }
 
 
@@ -106,6 +122,9 @@ def _cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     elif args.kind == "memory":
         from mta_ray.bench.memory import run_memory_bench
         run_memory_bench(cfg, args.out, args.config, args.overrides)
+    elif args.kind == "evaluate":
+        from mta_ray.bench.evaluate import run_evaluate_bench
+        run_evaluate_bench(cfg, args.out, args.config, args.overrides)
     elif args.kind == "pipeline":
         from mta_ray.bench.pipeline import run_pipeline_bench
         run_pipeline_bench(cfg, args.out, args.part, args.work)
@@ -146,7 +165,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "personalize": (_stage("personalize"), "merge-then-adapt every user (or train a baseline's adapters)"),
     "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
-    "bench": (_cmd_bench, "throughput / scalability / pipeline / memory benchmarks"),
+    "bench": (_cmd_bench, "throughput / scalability / pipeline / memory / evaluate benchmarks"),
     "export": (_cmd_export, "write one user's model as a PEFT adapter"),
     "study": (_cmd_study, "real-data study: cross-banking, validation-chosen settings, baselines, ablations"),
 }
@@ -174,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="pipeline: stages (time, peak GPU memory), scaling (1..G GPUs) or all")
             p.add_argument("--work", type=Path, default=None,
                            help="pipeline: work folder to use and keep (default: a temporary one, removed)")
+        if name == "evaluate":
+            p.add_argument("--report-only", action="store_true",
+                           help="rebuild report.json/report.md from <out>/predictions/ alone (no Ray, no model)")
         if name == "personalize":
             p.add_argument("--kind", choices=list(TRAINED), default=PROPOSED,
                            help=f"{PROPOSED} (default), or a baseline's per-user adapters")

@@ -244,7 +244,7 @@ class RayConfig:
 
 @dataclass
 class BenchConfig:
-    """Benchmarks (``mta-ray bench throughput|scalability|pipeline|memory``)."""
+    """Benchmarks (``mta-ray bench throughput|scalability|pipeline|memory|evaluate``)."""
 
     shape: str = "llama3-8b"
     """Model: a named random-weight shape (``llama3-8b``, ``tiny``) or ``real`` (``model.base``)."""
@@ -268,6 +268,14 @@ class BenchConfig:
     """``bench memory``: user counts whose stages' peak driver memory is compared."""
     gpu_counts: list[int] = field(default_factory=lambda: [1, 2])
     """``bench pipeline``: personalize throughput on each of these numbers of GPUs (those the cluster has)."""
+    evaluate_queries: list[int] = field(default_factory=lambda: [1_000_000])
+    """``bench evaluate``: query counts whose report statistics are timed (synthetic predictions)."""
+    evaluate_methods: int = 8
+    """``bench evaluate``: methods per report (each with its own predictions file)."""
+    evaluate_queries_per_user: int = 1
+    """``bench evaluate``: queries per user (LaMP: 1; fewer users per query make the bootstrap cheaper)."""
+    evaluate_tasks: list[str] = field(default_factory=lambda: ["lamp4", "lamp2"])
+    """``bench evaluate``: tasks timed, e.g. a generation task (ROUGE) and a classification one (macro-F1)."""
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -277,6 +285,8 @@ class BenchConfig:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
         if not self.gpu_counts:
             raise ValueError("gpu_counts must be a non-empty list of GPU counts")
+        if not self.evaluate_queries:
+            raise ValueError("evaluate_queries must be a non-empty list of query counts")
 
 
 @dataclass
@@ -500,6 +510,8 @@ RANGES: dict[str, Range] = {
     "BenchConfig.history_items": AT_LEAST_1, "BenchConfig.anchors": AT_LEAST_1,
     "BenchConfig.memory_budget_gib": POSITIVE, "BenchConfig.scalability_users": AT_LEAST_1,
     "BenchConfig.memory_users": AT_LEAST_1, "BenchConfig.gpu_counts": AT_LEAST_1,
+    "BenchConfig.evaluate_queries": AT_LEAST_1, "BenchConfig.evaluate_methods": AT_LEAST_1,
+    "BenchConfig.evaluate_queries_per_user": AT_LEAST_1,
     "StudyConfig.folds": (2, math.inf, True, False), "StudyConfig.validation_items": AT_LEAST_1,
     "StudyConfig.extended_items": AT_LEAST_1, "StudyConfig.bank_lrs": POSITIVE, "StudyConfig.top_k": AT_LEAST_1,
     "StudyConfig.alphas": UNIT, "StudyConfig.ranks": AT_LEAST_1, "StudyConfig.adapt_lrs": POSITIVE,

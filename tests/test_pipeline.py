@@ -51,6 +51,34 @@ def test_run_produces_a_report_with_every_method(run_dir):
         assert sorted(ids) == sorted(set(ids)) and len(ids) == 8   # every user stored exactly once
     for stage in ("prepare", "embed", "cluster", "bank", "personalize-mta", "evaluate"):
         assert (run_dir / f"{stage}.config.yaml").is_file()
+    import pyarrow.parquet as pq
+    for name in METHODS:   # every answer streamed to its method's file, with its per-query scores
+        t = pq.read_table(run_dir / "predictions" / f"{name}.parquet").to_pylist()
+        assert [r["user_index"] for r in t] == list(range(8)) and all(r["query_id"] for r in t)
+        assert {"output", "prediction", "gold", "correct", "pred_label", "gold_label"} <= set(t[0])
+        assert sum(r["correct"] for r in t) / 8 == pytest.approx(report["methods"][name]["metrics"]["accuracy"])
+    assert (run_dir / "loss-curves.png").read_bytes()[:4] == b"\x89PNG" and "loss-curves.png" in report["plots"]
+    losses = [a["losses"] for a in manifest["anchors"]]
+    assert all(len(x) == a["steps"] for x, a in zip(losses, manifest["anchors"]))
+    from mta_ray.files.losses import iter_losses
+    stored = dict(iter_losses(run_dir / "adapters" / "mta"))
+    assert sorted(stored) == sorted(ids) and all(len(v) >= 1 for v in stored.values())
+
+
+def test_report_is_rebuilt_from_the_predictions_files_alone(run_dir, tiny_model_dir, tmp_path, capsys):
+    """Only predictions/ (no users, bank, adapters, Ray or model): the same report."""
+    whole = json.loads((run_dir / "report.json").read_text())
+    shutil.copytree(run_dir / "predictions", tmp_path / "predictions")
+    assert main(["evaluate", DEMO, "--out", str(tmp_path), "--report-only", f"model.base={tiny_model_dir}",
+                 *SMALL]) == 0
+    rebuilt = json.loads((tmp_path / "report.json").read_text())
+    for method, m in whole["methods"].items():
+        assert rebuilt["methods"][method]["metrics"] == m["metrics"] and rebuilt["methods"][method]["ci95"] == m["ci95"]
+    assert rebuilt["comparisons"] == whole["comparisons"]
+    assert "| mta |" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    assert main(["evaluate", DEMO, "--out", str(empty), "--report-only", *SMALL]) == 2
+    assert "no predictions file" in capsys.readouterr().err
 
 
 def test_evaluation_in_user_batches_gives_the_same_report(run_dir, tiny_model_dir, tmp_path):
@@ -183,3 +211,35 @@ def test_killed_bank_actor_is_restarted_and_every_anchor_trained(run_dir, tiny_m
     clusters = {a["cluster"] for a in anchors}
     assert len(anchors) == len(clusters) == 4
     assert all((out / "bank" / a["path"] / "adapter_model.safetensors").is_file() for a in anchors)
+
+
+def test_killed_bank_keeps_finished_anchors_and_the_rerun_trains_only_the_missing(run_dir, tiny_model_dir, tmp_path):
+    """Kill the whole bank run (driver and workers) after some anchors are stored; the rerun trains only
+    the missing ones: every anchor once, the stored ones untouched."""
+    import os
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("adapters", "bank", "predictions"))
+    cmd = [sys.executable, "-m", "mta_ray.cli", "bank", DEMO, "--out", str(out), f"model.base={tiny_model_dir}",
+           *SMALL, "bank.epochs=150", "adapt.slots=1"]   # one anchor at a time: they finish one by one
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    manifest = out / "bank" / "manifest.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not manifest.is_file():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = json.loads(manifest.read_text())["anchors"]
+    assert 1 <= len(before) < 4, "kill the run between its first and its last anchor"
+    stamps = {a["anchor_id"]: (out / "bank" / a["path"] / "adapter_model.safetensors").stat().st_mtime_ns
+              for a in before}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{len(before)} anchors already stored, training the {4 - len(before)} missing" in done.stdout
+    assert f"'trained': {4 - len(before)}" in done.stdout and "ETA" in done.stdout
+    after = json.loads(manifest.read_text())["anchors"]
+    assert len(after) == len({a["cluster"] for a in after}) == 4            # every anchor, once
+    assert after[:len(before)] == before                                     # none retrained
+    assert all((out / "bank" / a).joinpath("adapter_model.safetensors").stat().st_mtime_ns == t
+               for a, t in stamps.items())

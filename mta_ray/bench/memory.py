@@ -24,7 +24,7 @@ from typing import Any
 from mta_ray.config import Config, to_dict
 from mta_ray.files.atomic import atomic_write_text
 
-STAGES = ("prepare", "embed", "cluster", "bank", "personalize")
+STAGES = ("prepare", "embed", "cluster", "bank", "personalize", "evaluate")
 
 
 def run_stage_process(args: list[str], log: Path) -> tuple[int, float, float]:

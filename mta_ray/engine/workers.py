@@ -162,7 +162,8 @@ class ModelWorker:
         queued = time.time()
         results = self._trainer.train(repr((tcfg, R, slots, max_rows, cfg.seed)), jobs, build)
         out = [{"user_id": r.user_id, "lora": pack(r.lora) if packed and r.lora is not None else r.lora,
-                "steps": r.steps, "final_loss": r.final_loss, "status": r.status, "error": r.error}
+                "steps": r.steps, "final_loss": r.final_loss, "losses": list(r.step_losses), "status": r.status,
+                "error": r.error}
                for r in results]
         with self._stats_lock:
             self._call_spans.append((arrived, queued, time.time(), len(users)))

@@ -8,8 +8,11 @@
   clusters.parquet       cluster    user_id, cluster
   anchors.parquet        cluster    the most active user of each cluster
   bank/                  bank       manifest.json + one PEFT adapter folder per anchor (anchor-NNNN/)
-  adapters/<label>/      personalize  a sharded adapter store per trained method (or study variant)
-  report.json, report.md evaluate
+  adapters/<label>/      personalize  a sharded adapter store per trained method (or study variant),
+                                      with losses-NNNNN.parquet (each user's step losses) beside its index
+  predictions/<method>.parquet  evaluate  every answer, parsed prediction, gold and per-query scores
+  report.json, report.md evaluate   built from predictions/ alone (``mta-ray evaluate --report-only``)
+  loss-curves.png        evaluate   training loss over optimizer steps (bank anchors, each trained method)
   <step>.config.yaml     every stage  the resolved config of the last run of that step that did work
   <step>.provenance.json every stage  what the step's output was made from (``files.provenance``)
 ```
@@ -51,10 +54,16 @@ class RunLayout:
     adapters = property(lambda self: self.root / "adapters")
     report_json = property(lambda self: self.root / "report.json")
     report_md = property(lambda self: self.root / "report.md")
+    predictions_dir = property(lambda self: self.root / "predictions")
+    loss_curves_png = property(lambda self: self.root / "loss-curves.png")
 
     def store(self, label: str) -> Path:
         """``adapters/<label>``: the label is a trained method (``mta``...) or a study variant's name."""
         return self.adapters / label
+
+    def predictions(self, method: str) -> Path:
+        """``predictions/<method>.parquet``: every answer of a method with its per-query scores (evaluate)."""
+        return self.predictions_dir / f"{method}.parquet"
 
     def resolved_config(self, step: str) -> Path:
         return self.root / f"{step}.config.yaml"

@@ -17,9 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from mta_ray.config import Config, section_hash
+from mta_ray.core.progress import Progress
 from mta_ray.core.tasks import get_task
 from mta_ray.files.atomic import atomic_dir
 from mta_ray.files.layout import RunLayout
+from mta_ray.files.tables import count_rows
 
 
 class EmbedUsers:
@@ -83,10 +85,12 @@ def _ordered_execution() -> Iterator[None]:
         options.preserve_order = previous
 
 
-def _write_in_order(ds, path: Path) -> int:
-    """Stream the dataset's blocks, in order, into one parquet file (the driver holds one block at a time)."""
+def _write_in_order(ds, path: Path, total: int = 0) -> int:
+    """Stream the dataset's blocks, in order, into one parquet file (the driver holds one block at a time),
+    logging users/s and the ETA (``total``: users expected)."""
     import pyarrow.parquet as pq
 
+    progress = Progress("embed", "users", total)
     writer, rows = None, 0
     try:
         for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -94,6 +98,7 @@ def _write_in_order(ds, path: Path) -> int:
                 writer = pq.ParquetWriter(path, block.schema)
             writer.write_table(block)
             rows += block.num_rows
+            progress.add(block.num_rows)
     finally:
         if writer is not None:
             writer.close()
@@ -126,7 +131,7 @@ def run_embed(cfg: Config, out: Path) -> dict:
     t0 = time.time()
     with _ordered_execution(), _publish(out, cfg) as tmp:
         ds = _embedded(cfg, ray.data.read_parquet(str(run.users)).select_columns(["user_id", "history"]))
-        rows = _write_in_order(ds, tmp / "part-00000.parquet")
+        rows = _write_in_order(ds, tmp / "part-00000.parquet", count_rows(run.users))
     target = run.embeddings
     return {"skipped": False, "path": str(target), "users": rows, "seconds": round(time.time() - t0, 1)}
 
@@ -163,7 +168,12 @@ def run_embed_many(cfg: Config, outs: list[Path]) -> dict:
         parts.append(t.append_column("path", pa.array([str(i)] * t.num_rows)))
     with _ordered_execution():
         ds = ray.data.from_arrow(parts)
-        table = pa.concat_tables([ray.get(ref) for ref in _embedded(cfg, ds).to_arrow_refs()])
+        progress = Progress("embed", "users", sum(p.num_rows for p in parts))
+        blocks = []
+        for ref in _embedded(cfg, ds).to_arrow_refs():
+            blocks.append(ray.get(ref))
+            progress.add(blocks[-1].num_rows)
+        table = pa.concat_tables(blocks)
     for i, out in enumerate(todo):
         rows = table.filter(pc.equal(table.column("path"), str(i))).drop_columns(["path"])
         with _publish(out, cfg) as tmp:

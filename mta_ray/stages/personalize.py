@@ -18,14 +18,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from mta_ray.config import Config
 from mta_ray.core.methods import method
 from mta_ray.core.tasks import get_task
+from mta_ray.core.progress import Progress
 from mta_ray.files.layout import RunLayout, bank_retriever
+from mta_ray.files.losses import LossLog
 from mta_ray.files.store import AdapterStore
 from mta_ray.files.tables import count_rows, iter_users_with_anchors, load_embeddings, task_negatives
 
@@ -60,19 +62,19 @@ class _Progress:
 
     kind: str
     expected: int
-    t0: float = field(default_factory=time.time)
     finished: int = 0
     failed: int = 0
+
+    def __post_init__(self) -> None:
+        self.log = Progress(f"personalize[{self.kind}]", "users", self.expected)
 
     def book(self, status: str) -> None:
         self.finished += 1
         self.failed += status != "ok"
 
     def report(self) -> None:
-        rate = self.finished / max(1e-9, time.time() - self.t0)
-        eta = max(0, self.expected - self.finished) / max(rate, 1e-9)
-        print(f"personalize[{self.kind}]: {self.finished}/{self.expected} users, {rate:.2f} users/s, ETA {eta:.0f}s"
-              + (f", {self.failed} failed" if self.failed else ""), flush=True)
+        self.log.done = self.finished
+        self.log.add(0, note=f"{self.failed} failed" if self.failed else "")
 
 
 def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | None = None,
@@ -120,6 +122,7 @@ def _dispatch(cfg: Config, kind: str, pending: Iterator[dict], pool: list, store
     seconds the driver spent fetching and storing results (it dispatches nothing meanwhile)."""
     import ray
 
+    losses = LossLog(store.path, store.shard_users)  # flushes on the same adds as the store's shards
     load = [0] * len(pool)  # users sent to each worker and not yet returned
     queued = queued_users(cfg.adapt.slots)
     in_flight: dict[Any, tuple[int, dict[str, dict]]] = {}
@@ -144,6 +147,7 @@ def _dispatch(cfg: Config, kind: str, pending: Iterator[dict], pool: list, store
             load[w] -= len(by_id)
             for r in ray.get(ref):
                 u = by_id[r["user_id"]]
+                losses.add(r["user_id"], r.get("losses", []))  # before the store: a stored user has its losses
                 store.add(r["user_id"], r["lora"], u["anchors"], u["weights"], r["steps"], r["final_loss"],
                           r["status"], r["error"])
                 progress.book(r["status"])
@@ -151,5 +155,6 @@ def _dispatch(cfg: Config, kind: str, pending: Iterator[dict], pool: list, store
             progress.report()
     finally:
         t_flush = time.perf_counter()
+        losses.flush()
         store.flush()
         storing_s += time.perf_counter() - t_flush

@@ -3,8 +3,8 @@
 Reads what :mod:`mta_ray.study.driver` cached (``plan.json`` and ``preds/``) and needs no Ray or GPU,
 so the report can be rebuilt anywhere: ``mta-ray study CONFIG --out WORK --report DIR --report-only``.
 
-Intervals and paired tests: :mod:`mta_ray.core.statistics` (bootstrap over users, the same
-resamples for every run of a protocol).
+Intervals and paired tests: :mod:`mta_ray.core.statistics`, the code evaluate uses (each query scored
+once, per-user sums resampled over users, the same resamples for every run of a protocol).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import numpy as np
 
 from mta_ray.config import Config, to_dict
 from mta_ray.core.methods import BASELINES, MERGING, PROPOSED, RAG
-from mta_ray.core.metrics import HIGHER_IS_BETTER, primary_metric, score
-from mta_ray.core.statistics import draws, interval95, paired, user_index, user_resamples
+from mta_ray.core.metrics import HIGHER_IS_BETTER, primary_metric, query_scores, score
+from mta_ray.core.statistics import UserBootstrap, blocks_in_memory, method_stats, user_index
 from mta_ray.core.tasks import get_task
 from mta_ray.files.atomic import atomic_write_text
 
@@ -33,7 +33,7 @@ def canonical(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_metrics(task, rows: list[dict]) -> dict[str, float]:
-    """The task's LaMP metrics over a run's (or a resample's) rows."""
+    """The task's LaMP metrics over a run's rows."""
     return score(task, [r["pred"] for r in rows], [r["gold"] for r in rows])
 
 
@@ -45,7 +45,8 @@ def ranking(task, metrics: dict[str, float]) -> tuple[float, ...]:
 
 
 class Results:
-    """Cached runs of one protocol, with shared user resamples for paired statistics."""
+    """Cached runs of one protocol: each query scored once, every run resampled over the same users
+    (:mod:`mta_ray.core.statistics`, the code evaluate uses)."""
 
     def __init__(self, task, runs: list[dict], samples: int, seed: int):
         self.task, self.runs = task, runs
@@ -54,33 +55,24 @@ class Results:
             if [r["user_id"] for r in run["rows"]] != users:
                 raise ValueError(f"run {run['name']} has other queries than {runs[0]['name']}")
         of, self.n_users = user_index(users)
-        self.resamples = user_resamples(of, self.n_users, samples, seed)
         self.n_queries = len(users)
-        self._draws: dict[str, dict[str, np.ndarray]] = {}
-
-    def draws(self, run: dict) -> dict[str, np.ndarray]:
-        """Each metric over every resample, computed once per run (summaries and paired tests share them)."""
-        if run["name"] not in self._draws:
-            self._draws[run["name"]] = draws(lambda idx: run_metrics(self.task, [run["rows"][i] for i in idx]),
-                                             self.resamples)
-        return self._draws[run["name"]]
+        scores = {run["name"]: query_scores(task, [r["pred"] for r in run["rows"]], [r["gold"] for r in run["rows"]])
+                  for run in runs}
+        boot = UserBootstrap(self.n_users, samples, seed)
+        self.stats = method_stats(task, boot, blocks_in_memory(task, boot, of, scores))
 
     def summary(self, run: dict) -> dict[str, Any]:
-        point = run_metrics(self.task, run["rows"])
-        draws = self.draws(run)
-        return {"name": run["name"], "method": run["method"], "values": run["values"], "metrics": point,
-                "ci95": {k: interval95(v) for k, v in draws.items()},
+        return {"name": run["name"], "method": run["method"], "values": run["values"],
+                "metrics": self.stats.point[run["name"]], "ci95": self.stats.ci95(run["name"]),
                 "n_queries": self.n_queries, "n_users": self.n_users, "train_s": run["train_s"],
                 "eval_s": run["eval_s"], "adapter_bytes_per_user": run.get("adapter_bytes_per_user", 0)}
 
     def paired(self, a: dict, b: dict) -> dict[str, Any]:
         """a minus b on the primary metric (sign: positive = a better), same users, same resamples."""
-        name = primary_metric(self.task)
-        test = paired(self.draws(a)[name], self.draws(b)[name], run_metrics(self.task, a["rows"])[name],
-                      run_metrics(self.task, b["rows"])[name], HIGHER_IS_BETTER[name])
+        test = self.stats.paired(a["name"], b["name"])
         wins = sum(ra["pred"] == ra["gold"] != rb["pred"] for ra, rb in zip(a["rows"], b["rows"]))
         losses = sum(rb["pred"] == rb["gold"] != ra["pred"] for ra, rb in zip(a["rows"], b["rows"]))
-        return {"a": a["name"], "b": b["name"], "metric": name, **test, "queries_only_a_right": int(wins),
+        return {"a": a["name"], "b": b["name"], **test, "queries_only_a_right": int(wins),
                 "queries_only_b_right": int(losses)}
 
 
