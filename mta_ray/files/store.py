@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -95,6 +95,12 @@ class AdapterStore:
         with safe_open(str(self.path / row["shard"]), framework="pt") as f:
             vec = f.get_tensor(row["key"])
         return unflatten(vec, self._layout)
+
+    def iter_rows(self, batch_rows: int = 1024) -> Iterator[dict]:
+        """Committed rows, one shard's index at a time, ``batch_rows`` in memory (never the whole index)."""
+        for f in sorted(self.path.glob("index-*.parquet")):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                yield from batch.to_pylist()
 
     def rows_by_user(self) -> dict[str, dict]:
         return {r["user_id"]: r for r in self.index().to_pylist()}
