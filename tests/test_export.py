@@ -312,3 +312,39 @@ def test_export_of_many_users_streams_in_flat_memory(base_dir, tmp_path):
 
     small, large = peak(30), peak(150)
     assert large - small < 30 * 1024, (small, large)
+
+
+def test_user_prompt_rebuilds_what_evaluation_asks(tiny_model_dir, tmp_path):
+    """The shipped recipe + the users table give the prompt evaluation built, as the ids our model read."""
+    from mta_ray.engine.encoding import encode_prompt
+    from mta_ray.engine.serving import PromptRecipe, user_prompt
+    from mta_ray.files.models import load_tokenizer
+    from mta_ray.files.tables import write_users
+    from mta_ray.stages.evaluate import _requests
+
+    history = [{"id": "1", "input": "a space opera about robots", "output": "sci-fi"},
+               {"id": "2", "input": "two friends on a road trip make jokes", "output": "comedy"},
+               {"id": "3", "input": "a detective hunts a serial killer", "output": "violence"}]
+    query = "Which tag does this movie relate to among the following tags? description: robots in space"
+    user = {"user_id": "u/1", "task": "lamp2", "persona": None, "history": history,
+            "queries": [{"id": "q", "input": query, "gold": "sci-fi"}]}
+    users = tmp_path / "users.parquet"
+    write_users([user], users)
+    cfg = load_config(DEMO, [f"model.base={tiny_model_dir}", "data.history_k=1", "model.max_prompt_tokens=400"])
+    tok = load_tokenizer(cfg.model)
+    recipe = PromptRecipe.from_config(cfg, "org/served-base")
+    recipe.save(tmp_path)
+    assert PromptRecipe.load(tmp_path) == recipe and recipe.base_name == "org/served-base"
+    prompt = user_prompt(recipe, users, "u/1", query, tok)
+    assert prompt.text == _requests(cfg, tmp_path, "base", [user], {})[0]["prompt"]
+    assert "a space opera about robots" in prompt.text and "road trip" not in prompt.text   # BM25 top-1
+    assert prompt.token_ids == encode_prompt(tok, prompt.text, 400, True) and not prompt.truncated
+    assert tok.decode(prompt.token_ids).count("robots in space") == 1 and "<|im_start|>assistant" in tok.decode(
+        prompt.token_ids)                                                   # SmolLM2's chat template
+    cut = load_config(DEMO, ["data.history_k=1", "model.max_prompt_tokens=24"])
+    short = user_prompt(PromptRecipe.from_config(cut, "x"), users, "u/1", query, tok)
+    assert short.truncated and short.token_ids == prompt.token_ids[-24:]    # cut from the left
+    assert user_prompt(recipe, users, "u/1", query).token_ids is None
+    from mta_ray.errors import InputError
+    with pytest.raises(InputError, match="not in the users table"):
+        user_prompt(recipe, users, "nobody", query)
