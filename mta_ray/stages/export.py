@@ -179,9 +179,14 @@ def export_user(lora: Lora, row: dict, out: Path, cfg: Config, base_name: str) -
              "anchors": list(row["anchors"]), "weights": [float(w) for w in row["weights"]]}
     with atomic_dir(out / folder) as tmp:
         save_peft(fitted, tmp, base_model=base_name, dtype=DTYPES[cfg.export.dtype])
-        info = {**entry, "modules": {n: f._asdict() for n, f in sorted(fits.items())}}
+        info = {**entry, "source": _source(row), "modules": {n: f._asdict() for n, f in sorted(fits.items())}}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     return entry
+
+
+def _source(row: dict) -> str:
+    """Where a user's stacked adapter sits in the store: a re-personalised user gets a new one."""
+    return f"{row['shard']}:{row['key']}:{row['offset']}:{row['final_loss']}"
 
 
 # --------------------------------------------------------------------------- every user
@@ -227,9 +232,9 @@ def _entries(cfg: Config, person: Personaliser, rows: Iterator[dict], total: int
             counts["failed"] += 1
             continue
         info = out / user_folder(row["user_id"]) / INFO_FILE
-        if info.is_file():
+        entry = json.loads(info.read_text()) if info.is_file() else {}
+        if entry.get("source") == _source(row):           # written by an earlier export of this very adapter
             counts["skipped"] += 1
-            entry = json.loads(info.read_text())
             yield {k: entry[k] for k in INDEX_SCHEMA.names}
             continue
         counts["exported"] += 1
