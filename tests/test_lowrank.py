@@ -98,3 +98,15 @@ def test_float32_factors_keep_their_dtype_and_balance():
     assert fitted.A.dtype == fitted.B.dtype == torch.float32
     assert torch.allclose(fitted.A.norm(dim=1), fitted.B.norm(dim=0), rtol=1e-4)    # sqrt(S) on each side
     assert update_error(fitted, p) == pytest.approx(fit.rel_error, rel=1e-4)
+
+
+def test_modules_of_one_shape_are_fitted_together_exactly_as_one_at_a_time():
+    lora = {f"layers.{i}.q": pair(20, seed=i) for i in range(5)}
+    lora["layers.0.o"] = LoraPair(torch.zeros(20, 20, dtype=torch.float64), torch.zeros(24, 20, dtype=torch.float64))
+    fitted, rank, fits = fit_rank(lora, 16)
+    assert list(fitted) == list(lora) and rank == 16
+    for name, p in lora.items():
+        one, fit = truncate(p, 16)
+        assert torch.allclose(delta(fitted[name]), delta(one), atol=1e-9)
+        assert fits[name].kept_energy == pytest.approx(fit.kept_energy) and fits[name].rank == 20
+    assert fits["layers.0.o"] == (20, 1.0, 0.0) and not fitted["layers.0.o"].B.any()    # a zero update

@@ -64,22 +64,28 @@ def truncate(pair: LoraPair, rank: int) -> tuple[LoraPair, Fit]:
     spectral norm. Computed in float64; ``sqrt(S)`` goes to each side so both factors share the scale.
     A pair of rank at most ``rank`` comes back unchanged (exact).
     """
-    A, B = pair.A, pair.B                                    # (r, in), (out, r)
-    r = A.shape[0]
+    r = pair.A.shape[0]
     if r <= rank:
         return pair, Fit(r, 1.0, 0.0)
-    qb, rb = torch.linalg.qr(B.double())                     # (out, r'), (r', r)
-    qa, ra = torch.linalg.qr(A.double().T)                   # (in, r''), (r'', r)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)                   # core (r', r'')
+    A, B, kept, err = _truncate_many(pair.A[None], pair.B[None], rank)
+    return LoraPair(A[0], B[0]), Fit(r, kept[0], err[0])
+
+
+def _truncate_many(A: torch.Tensor, B: torch.Tensor, rank: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[float], list[float]]:
+    """:func:`truncate` of L same-shaped pairs at once: ``A`` (L, r, in), ``B`` (L, out, r)."""
+    qb, rb = torch.linalg.qr(B.double())                     # (L, out, r'), (L, r', r)
+    qa, ra = torch.linalg.qr(A.double().transpose(-1, -2))   # (L, in, r''), (L, r'', r)
+    u, s, vh = torch.linalg.svd(rb @ ra.transpose(-1, -2))   # core (L, r', r'')
     energy = s.square()
-    total = float(energy.sum())
-    kept = float(energy[:rank].sum())
-    root = s[:rank].sqrt()
-    new_b = (qb @ u[:, :rank]) * root                        # (out, k)
-    new_a = root[:, None] * (vh[:rank] @ qa.T)               # (k, in)
-    fit = Fit(r, kept / total if total > 0 else 1.0,
-              (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0)
-    return LoraPair(new_a.to(A.dtype), new_b.to(B.dtype)), fit
+    total, kept = energy.sum(-1), energy[:, :rank].sum(-1)   # (L,)
+    root = s[:, :rank].sqrt()
+    new_b = (qb @ u[:, :, :rank]) * root[:, None, :]                          # (L, out, k)
+    new_a = root[:, :, None] * (vh[:, :rank] @ qa.transpose(-1, -2))          # (L, k, in)
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    share = torch.where(total > 0, kept / safe, torch.ones_like(total))
+    err = torch.where(total > 0, ((total - kept).clamp(min=0) / safe).sqrt(), torch.zeros_like(total))
+    return new_a.to(A.dtype), new_b.to(B.dtype), share.tolist(), err.tolist()
 
 
 def pad(pair: LoraPair, rank: int) -> LoraPair:
@@ -97,14 +103,23 @@ def fit_rank(lora: Lora, cap: int) -> tuple[Lora, int, dict[str, Fit]]:
     """Every module at one served rank ``<= cap``: exact (padded) where it fits, truncated where not.
 
     Returns the fitted LoRA, its rank (the smallest served rank holding every module's
-    ``min(rank, cap)``), and each module's :class:`Fit`.
+    ``min(rank, cap)``), and each module's :class:`Fit`. Modules of one shape (a kind of layer in every
+    block) are factorised together, as one batch.
     """
     rank = served_rank(max((p.A.shape[0] for p in lora.values()), default=1), cap)
     out, fits = {}, {}
+    groups: dict[tuple, list[str]] = {}
     for name, pair in lora.items():
-        fitted, fits[name] = truncate(pair, rank)
-        out[name] = pad(fitted, rank)
-    return out, rank, fits
+        if pair.A.shape[0] <= rank:
+            out[name], fits[name] = pad(pair, rank), Fit(pair.A.shape[0], 1.0, 0.0)
+        else:
+            groups.setdefault((tuple(pair.A.shape), tuple(pair.B.shape)), []).append(name)
+    for names in groups.values():
+        A, B, kept, err = _truncate_many(torch.stack([lora[n].A for n in names]),
+                                         torch.stack([lora[n].B for n in names]), rank)
+        for i, name in enumerate(names):
+            out[name], fits[name] = LoraPair(A[i], B[i]), Fit(lora[name].A.shape[0], kept[i], err[i])
+    return {name: out[name] for name in lora}, rank, fits
 
 
 def update_error(fitted: LoraPair, exact: LoraPair) -> float:
