@@ -4,8 +4,8 @@ For each cap, every user of a personalised run is exported (``stages.export``); 
 answered greedily by (a) our model as evaluation runs it (merged branch + stacked branch, exact) and
 (b) the exported adapter alone, prompts built by the shipped recipe (``engine.serving.user_prompt``).
 Reported per cap: rank written, users truncated, kept energy and relative update error (mean and worst
-over users' modules), share of answers identical to our model's, accuracy (classification tasks) and
-adapter bytes per user. Loading an exported folder with PEFT gives the same function as our engine
+over users' modules), share of answers identical to our model's (generated text, and the parsed
+prediction that is scored), accuracy (classification tasks) and adapter bytes per user. Loading an exported folder with PEFT gives the same function as our engine
 (``tests/test_export.py``), so (b) runs on our engine, batched.
 
 Run: ``python -m mta_ray.bench.export_fidelity configs/demo.yaml --run runs/demo --caps 8 16 32``
@@ -73,14 +73,15 @@ def _cap_row(cap: int, out: Path, answers: list[str], ours: list[str], queries: 
              seconds: float) -> dict:
     index = pq.read_table(out / INDEX_FILE).to_pylist()
     modules = [m for r in index for m in json.loads((out / r["folder"] / INFO_FILE).read_text())["modules"].values()]
-    parsed = [task.parse_output(a) for a in answers]
+    parsed, ours_parsed = [task.parse_output(a) for a in answers], [task.parse_output(a) for a in ours]
     row = {"max_rank": cap, "rank": max(r["rank"] for r in index), "users": len(index),
            "truncated_users": sum(not r["exact"] for r in index),
            "kept_energy_mean": sum(m["kept_energy"] for m in modules) / len(modules),
            "kept_energy_min": min(m["kept_energy"] for m in modules),
            "rel_error_mean": sum(m["rel_error"] for m in modules) / len(modules),
            "rel_error_max": max(m["rel_error"] for m in modules),
-           "same_answer_as_ours": sum(a == b for a, b in zip(answers, ours)) / len(ours),
+           "same_text_as_ours": sum(a == b for a, b in zip(answers, ours)) / len(ours),
+           "same_prediction_as_ours": sum(a == b for a, b in zip(parsed, ours_parsed)) / len(ours),
            "bytes_per_user": sum((out / r["folder"] / "adapter_model.safetensors").stat().st_size
                                  for r in index) / len(index), "export_s": round(seconds, 1)}
     if task.kind == "classification":

@@ -227,18 +227,20 @@ def _entries(cfg: Config, person: Personaliser, rows: Iterator[dict], total: int
     """Index rows of the chosen users, exporting those whose folder is not there yet."""
     progress = _Progress(total)
     for row in rows:
-        progress.step()
         if row["status"] != "ok":
             counts["failed"] += 1
+            progress.step()
             continue
         info = out / user_folder(row["user_id"]) / INFO_FILE
         entry = json.loads(info.read_text()) if info.is_file() else {}
         if entry.get("source") == _source(row):           # written by an earlier export of this very adapter
             counts["skipped"] += 1
-            yield {k: entry[k] for k in INDEX_SCHEMA.names}
-            continue
-        counts["exported"] += 1
-        yield export_user(person(row), row, out, cfg, base_name)
+            entry = {k: entry[k] for k in INDEX_SCHEMA.names}
+        else:
+            counts["exported"] += 1
+            entry = export_user(person(row), row, out, cfg, base_name)
+        progress.step()
+        yield entry
 
 
 def _earlier(out: Path, users: list[str]) -> Iterator[dict]:
