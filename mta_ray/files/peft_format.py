@@ -11,9 +11,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mta_ray.core.lora import Lora, LoraPair
+from mta_ray.core.lowrank import SERVED_RANKS
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -75,3 +77,33 @@ def load_peft(path: str | Path) -> Lora:
         scale = a / (rank ** 0.5 if rslora else rank)
         lora[name] = LoraPair(A.float(), B.float() * scale)
     return lora
+
+
+def served_problems(path: str | Path, max_lora_rank: int) -> list[str]:
+    """What would stop vLLM from loading the adapter at ``path`` with ``--max-lora-rank max_lora_rank``.
+
+    Mirrors vLLM's checks (``vllm/lora/peft_helper.py``, ``vllm/config/lora.py``): rank one of its ranks and
+    at most the server's cap; one rank and one alpha for every module (vLLM ignores ``rank_pattern`` and
+    ``alpha_pattern``); no ``modules_to_save``; ``bias`` ``none``; no DoRA; a real base model name.
+    """
+    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    problems = []
+    r = config.get("r")
+    if r not in SERVED_RANKS or r > max_lora_rank:
+        problems.append(f"r={r} is not a served rank <= {max_lora_rank} ({list(SERVED_RANKS)})")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append("rank_pattern/alpha_pattern are set (vLLM ignores them)")
+    if config.get("modules_to_save"):
+        problems.append("modules_to_save is set")
+    if config.get("bias", "none") != "none":
+        problems.append(f"bias is {config.get('bias')!r}, not 'none'")
+    if config.get("use_dora"):
+        problems.append("use_dora is set")
+    base = config.get("base_model_name_or_path") or ""
+    if not base or base.startswith(("pypi:", "random:")):
+        problems.append(f"base_model_name_or_path {base!r} is not a model a server can load")
+    with safe_open(str(Path(path) / ADAPTER_FILE), framework="pt") as f:
+        bad = [k for k in f.keys() if k.endswith(".lora_A.weight") and f.get_slice(k).get_shape()[0] != r]
+    if bad:
+        problems.append(f"{len(bad)} modules have a rank other than r={r} (e.g. {bad[0]})")
+    return problems

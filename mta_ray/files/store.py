@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,6 +127,12 @@ class AdapterStore:
         if self._layout is None:
             raise InputError(str(self.path / "layout.json"), "missing: the store is damaged")
         return unflatten(vec, self._layout)
+
+    def iter_rows(self, batch_rows: int = 1024) -> Iterator[dict]:
+        """Committed rows, one shard's index at a time, ``batch_rows`` in memory (never the whole index)."""
+        for f in sorted(self.path.glob("index-*.parquet")):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                yield from batch.to_pylist()
 
     def rows_by_user(self) -> dict[str, dict]:
         """Each user's row: its ``ok`` one when it has one, else its last failed attempt."""

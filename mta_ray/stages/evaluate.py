@@ -97,7 +97,7 @@ def predict(cfg: Config, out: Path, method_name: str, users: list[dict], plan: d
     for wi, o in enumerate(outs):
         for j, t in enumerate(o):
             texts[wi + j * len(workers)] = t
-    texts = ["" if r.get("missing") else t for r, t in zip(reqs, texts)]  # issue 21: no base in its place
+    texts = ["" if r.get("missing") else t for r, t in zip(reqs, texts)]  # no base model in its place
     return reqs, texts
 
 
