@@ -45,12 +45,12 @@ def build_model(cfg: Config, device: str) -> Any:
     return random_model(cfg.bench.shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
 
 
-def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0, merged: bool = True,
-                   targets: list[str] | None = None) -> list[Job]:
-    """Users with ``history_items`` random-token examples and (``merged``) a random merged branch of K anchors."""
+def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0, merged: bool = True) -> list[Job]:
+    """Users with ``history_items`` random-token examples and (``merged``) a random merged branch of K
+    anchors on the bank's modules."""
     b = cfg.bench
     vocab = model.config.vocab_size
-    names = target_module_names(model, targets or cfg.adapt.target_modules)
+    names = target_module_names(model, cfg.bank.target_modules)
     modules = dict(model.named_modules())
     g = torch.Generator().manual_seed(1234)
     anchors = [{nm: LoraPair(torch.randn(cfg.bank.rank, modules[nm].in_features, generator=g) * 0.01,

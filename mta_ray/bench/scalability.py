@@ -38,11 +38,9 @@ class _Bench:
     slots: int
     fused: bool
 
-    def oppu_jobs(self, n: int, offset: int) -> list[Job]:
-        return synthetic_jobs(self.model, self.cfg, n, offset, merged=False, targets=self.cfg.oppu.target_modules)
-
-    def anchor_jobs(self, n: int, offset: int) -> list[Job]:
-        return synthetic_jobs(self.model, self.cfg, n, offset, merged=False, targets=self.cfg.bank.target_modules)
+    def plain_jobs(self, n: int, offset: int) -> list[Job]:
+        """Users trained from the bare base (OPPU's users, the bank's anchors)."""
+        return synthetic_jobs(self.model, self.cfg, n, offset, merged=False)
 
     def mta_jobs(self, n: int, offset: int) -> list[Job]:
         return synthetic_jobs(self.model, self.cfg, n, offset)
@@ -55,7 +53,7 @@ class _Bench:
     def trainer_cost(self, train: LoraTrainConfig, jobs: list[Job], merged_rank: int) -> tuple[float, int]:
         """(seconds, peak bytes) of training ``jobs`` in the multi-slot trainer."""
         trainer = MultiSlotTrainer(self.model, train, slots=self.slots, merged_rank=merged_rank, seed=self.cfg.seed,
-                                   fused=self.fused)
+                                   fused=self.fused, merged_targets=self.cfg.bank.target_modules)
         try:
             _, sec, peak = measure(lambda: trainer.run(jobs), self.device)
         finally:
@@ -103,13 +101,13 @@ def _per_unit_costs(bench: _Bench) -> dict[str, Any]:
     """Seconds per OPPU user, per anchor and per MTA user in steady state (after untimed warm-ups)."""
     cfg, b = bench.cfg, bench.cfg.bench
     merged_rank = b.anchors * cfg.bank.rank
-    bench.oppu_cost(bench.oppu_jobs(1, 40_000))  # warm-up
-    oppu_sec, oppu_peak = bench.oppu_cost(bench.oppu_jobs(b.baseline_users, 0))
+    bench.oppu_cost(bench.plain_jobs(1, 40_000))  # warm-up
+    oppu_sec, oppu_peak = bench.oppu_cost(bench.plain_jobs(b.baseline_users, 0))
     oppu_per_user = oppu_sec / b.baseline_users
     print(f"  OPPU: {oppu_per_user:.2f} s/user ({b.baseline_users} users)", flush=True)
     bench.trainer_cost(cfg.adapt, bench.mta_jobs(bench.slots, 50_000), merged_rank)  # warm-up (and compile)
-    bench.trainer_cost(cfg.bank, bench.anchor_jobs(bench.slots, 60_000), 0)
-    bank_sec, bank_peak = bench.trainer_cost(cfg.bank, bench.anchor_jobs(2 * bench.slots, 70_000), 0)
+    bench.trainer_cost(cfg.bank, bench.plain_jobs(bench.slots, 60_000), 0)
+    bank_sec, bank_peak = bench.trainer_cost(cfg.bank, bench.plain_jobs(2 * bench.slots, 70_000), 0)
     n_mta = max(b.users, 2 * bench.slots)
     mta_sec, mta_peak = bench.trainer_cost(cfg.adapt, bench.mta_jobs(n_mta, 80_000), merged_rank)
     per_anchor, per_user = bank_sec / (2 * bench.slots), mta_sec / n_mta
@@ -128,9 +126,9 @@ def _smallest_end_to_end(bench: _Bench, n: int) -> dict[str, Any]:
     """The smallest N measured whole: MTA's bank and users, and OPPU's users."""
     cfg = bench.cfg
     merged_rank = cfg.bench.anchors * cfg.bank.rank
-    bank_s, _ = bench.trainer_cost(cfg.bank, bench.anchor_jobs(min(cfg.bank.num_clusters, n), 90_000), 0)
+    bank_s, _ = bench.trainer_cost(cfg.bank, bench.plain_jobs(min(cfg.bank.num_clusters, n), 90_000), 0)
     users_s, _ = bench.trainer_cost(cfg.adapt, bench.mta_jobs(n, 100_000), merged_rank)
-    oppu_s, _ = bench.oppu_cost(bench.oppu_jobs(n, 110_000))
+    oppu_s, _ = bench.oppu_cost(bench.plain_jobs(n, 110_000))
     return {"users": n, "mta_bank_s": round(bank_s, 1), "mta_users_s": round(users_s, 1), "oppu_s": round(oppu_s, 1)}
 
 

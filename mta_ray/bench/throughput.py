@@ -125,7 +125,7 @@ def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, f
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed,
-                                   fused=fused)
+                                   fused=fused, merged_targets=cfg.bank.target_modules)
         trainer.run(synthetic_jobs(model, cfg, slots, offset=20_000))  # warm-up: one full round (and compile)
         jobs = synthetic_jobs(model, cfg, max(b.users, 2 * slots))
         results, sec, peak = measure(lambda: trainer.run(jobs), device)
@@ -155,7 +155,8 @@ def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused)
+    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused,
+                               merged_targets=cfg.bank.target_modules)
     try:
         jobs = synthetic_jobs(model, cfg, slots, offset=30_000)
         with profile(activities=acts) as prof:
