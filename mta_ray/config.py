@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from mta_ray.core.methods import METHOD_NAMES
+from mta_ray.core.profiles import PROFILES
 from mta_ray.errors import InputError
 
 
@@ -289,6 +290,17 @@ class BenchConfig:
     """``bench memory``: user counts whose stages' peak driver memory is compared."""
     gpu_counts: list[int] = field(default_factory=lambda: [1, 2])
     """``bench pipeline``: personalize throughput on each of these numbers of GPUs (those the cluster has)."""
+    systems: list[str] = field(default_factory=lambda: ["oppu", "oppu-multislot", *PROFILES])
+    """``bench scalability``: the systems measured: ``oppu`` (its code: one user at a time, PEFT),
+    ``oppu-multislot`` (its recipe on the multi-slot trainer) and MTA profiles (:mod:`mta_ray.core.profiles`)."""
+    prompt_lengths: list[int] = field(default_factory=list)
+    """``bench scalability``: tokens per training example, one result file each (empty = ``[prompt_tokens]``)."""
+    bank_users: int = 1000
+    """``bench scalability``: users the bank is built from (its candidates); with ``bank.anchor_data: cluster``
+    the anchors train on all their items. 0 = every personalised user."""
+    study_report: str = ""
+    """``bench scalability``: a study report folder (or its ``profiles.json``) whose LaMP-2 accuracies label
+    the Pareto plot's points."""
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -298,6 +310,11 @@ class BenchConfig:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
         if not self.gpu_counts or min(self.gpu_counts) < 1:
             raise ValueError("gpu_counts must be a non-empty list of GPU counts >= 1")
+        unknown = [s for s in self.systems if s not in ("oppu", "oppu-multislot") and s not in PROFILES]
+        if unknown or not self.systems:
+            raise ValueError(f"unknown systems {unknown}; known: oppu, oppu-multislot, {', '.join(PROFILES)}")
+        if any(n <= self.target_tokens for n in self.prompt_lengths) or self.bank_users < 0:
+            raise ValueError("prompt_lengths must exceed target_tokens and bank_users must be >= 0")
 
 
 @dataclass
@@ -332,6 +349,16 @@ class StudyConfig:
     dtype_check: bool = True
     """On a GPU, also run MTA and merged-only in float32 on the paper protocol (bf16 vs fp32), with the
     same (bf16-trained) bank: the check isolates the per-user stage and generation."""
+    select: Literal["validation", "fixed"] = "validation"
+    """``validation``: the greedy search above; ``fixed``: no search, the settings of ``fixed_from`` (or,
+    when empty, the config's own) are used as chosen, so the profiles and bank-size runs cost only their tests."""
+    fixed_from: str = ""
+    """A study's ``report.json`` whose ``chosen_on_validation`` and ``adapt_only_lr`` ``select: fixed`` reuses."""
+    profiles: list[str] = field(default_factory=list)
+    """MTA profiles (:mod:`mta_ray.core.profiles`) tested next to the paper recipe, OPPU and adapt-only."""
+    bank_folds: list[int] = field(default_factory=list)
+    """The bank-size curve: merged-only, MTA and adapt-only on the paper protocol with each of these fold
+    counts (a fold's bank = the other folds' users), each in ``<out>/folds-N``."""
 
     def __post_init__(self) -> None:
         if self.folds < 2:
@@ -348,6 +375,11 @@ class StudyConfig:
         for name in ("bank_lrs", "top_k", "alphas", "ranks", "adapt_lrs", "oppu_lrs"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        unknown = [p for p in self.profiles if p not in PROFILES]
+        if unknown:
+            raise ValueError(f"unknown profiles {unknown}; known: {', '.join(PROFILES)}")
+        if any(n < 2 for n in self.bank_folds):
+            raise ValueError("bank_folds must be fold counts of at least 2")
 
 
 @dataclass
