@@ -212,6 +212,10 @@ class AdaptConfig(LoraTrainConfig):
     slots x batch_size is large (OPPU's batch 16 in many slots)."""
     shard_users: int = 256
     """Users per shard of the adapter store."""
+    storage_precision: Literal["bfloat16", "int8"] = "bfloat16"
+    """Precision of stored stacked adapters. The store writes bf16; ``int8`` (one scale per rank component,
+    :mod:`mta_ray.core.quant`) is for measuring it: the study rounds the trained adapters through int8
+    before evaluating, and ``bench scalability`` counts int8 bytes. The store does not write int8 yet."""
 
 
 @dataclass
@@ -301,6 +305,9 @@ class BenchConfig:
     study_report: str = ""
     """``bench scalability``: a study report folder (or its ``profiles.json``) whose LaMP-2 accuracies label
     the Pareto plot's points."""
+    replot: bool = False
+    """``bench scalability``: only recompute the Pareto and redraw the plots of the results already in
+    ``--out`` (e.g. once ``study_report`` exists); no model, no device."""
 
     def __post_init__(self) -> None:
         for v in self.variants:

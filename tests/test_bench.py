@@ -44,14 +44,20 @@ def test_bench_scalability_debug_size(tmp_path):
             "bench.shape=tiny", "bench.users=4", "bench.baseline_users=2", "bench.prompt_lengths=[24, 12]",
             "bench.history_items=3", "bench.variants=[2]", "bench.scalability_users=[3, 30, 300]",
             "bank.num_clusters=5", "bench.bank_users=0", "adapt.epochs=2",
-            "bench.systems=[oppu, oppu-multislot, mta, mta-qv-r2-e1, mta-merged-only]"]
+            "bench.systems=[oppu, oppu-multislot, mta, mta-qv-r2-e1, mta-int8, mta-merged-only]"]
     assert main(args) == 0
     (path,) = tmp_path.glob("scalability-tiny-*-p24.json")
     assert len(list(tmp_path.glob("scalability-tiny-*-p12.json"))) == 1
     assert len(list(tmp_path.glob("scalability-tiny-*-p24*.png"))) == 2           # Figure 2 and the Pareto plot
     result = json.loads(path.read_text())
     systems = result["systems"]
-    assert set(systems) == {"oppu", "oppu-multislot", "mta", "mta-qv-r2-e1", "mta-merged-only"}
+    assert set(systems) == {"oppu", "oppu-multislot", "mta", "mta-qv-r2-e1", "mta-int8", "mta-merged-only"}
+    # int8 trains like the paper recipe (its timing is reused) and stores a byte per value + 2 bf16 scales per rank
+    int8, paper = systems["mta-int8"], systems["mta"]
+    assert int8["timing_from"] == "mta" and int8["seconds"] == paper["seconds"]
+    components = 4 * 7 * 2                                              # rank 4 x 7 linear layers x 2 blocks
+    assert int8["bytes_per_user"] == paper["params_per_user"] + 4 * components + 16
+    assert paper["bytes_per_user"] == 2 * paper["params_per_user"] + 16
     assert systems["oppu"]["users"] == 2 and systems["mta"]["users"] == 4
     assert systems["mta-qv-r2-e1"]["recipe"]["epochs"] == 1 and systems["mta"]["recipe"]["epochs"] == 2
     rows = {r["users"]: r for r in result["curve"]}
@@ -86,6 +92,12 @@ def test_bench_scalability_debug_size(tmp_path):
     assert again["systems"] == systems
     assert again["pareto"]["points"]["oppu-multislot"]["quality"]["value"] == 0.1
     assert main(args + [f"bench.study_report={tmp_path / 'missing.json'}"]) == 2
+    (path.with_name(path.stem + "-pareto.png")).unlink()
+    assert main(args + ["bench.replot=true", f"bench.study_report={tmp_path}"]) == 0      # no model, no device
+    assert path.with_name(path.stem + "-pareto.png").is_file()
+    assert json.loads(path.read_text())["pareto"] == again["pareto"]
+    assert main(["bench", "scalability", str(ROOT / "configs/bench/scalability-8b.yaml"), "--out",
+                 str(tmp_path / "empty"), "bench.shape=tiny", "bench.replot=true"]) == 2
 
 
 @pytest.mark.slow

@@ -19,8 +19,9 @@ and LaMP-2-like users (``bench.history_items`` examples of one prompt length eac
 Each system's N = its measured users is measured whole (``"measured": true``); other N in
 ``bench.scalability_users`` are extrapolated from the measured per-user and per-bank-item seconds.
 Storage is counted from the adapters' shapes in bf16 (the store's format), plus K anchor ids and weights
-per MTA user. Measurements are kept in ``<out>/.<stem>.partial.json`` as they finish: a rerun (after a
-time-out) measures only what is missing; delete it to measure afresh.
+per MTA user. Measurements are kept in ``<out>/<stem>.partial.json`` as they finish: a rerun (after a
+time-out) measures only what is missing; delete it to measure afresh. ``bench.replot=true`` redraws the
+result files in ``--out`` (with ``bench.study_report``'s labels) without a model or device.
 Writes ``scalability-<shape>-<device>-p<tokens>.json``, ``.png`` (time and storage vs users) and
 ``-pareto.png`` (GPU-hours per 1,000 users vs storage per user) per prompt length.
 """
@@ -38,11 +39,12 @@ import numpy as np
 import torch
 
 from mta_ray.bench.common import (build_model, device_name, lora_params, measure, random_anchors, run_baseline,
-                                  synthetic_jobs, variant_slots)
+                                  synthetic_jobs, target_shapes, variant_slots)
 from mta_ray.config import Config, LoraTrainConfig, with_values
 from mta_ray.core.adaptive import AnchorRetriever
 from mta_ray.core.lora import LoraPair, merge_delta, merge_params
-from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, profile
+from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, bf16_twin, profile
+from mta_ray.core.quant import stored_bytes
 from mta_ray.engine.trainer import Job, MultiSlotTrainer
 from mta_ray.files.atomic import atomic_write_text, slug
 
@@ -57,10 +59,20 @@ class _Bench:
     """The model under test and how each system's users are made and timed."""
 
     cfg: Config
-    model: Any
     device: str
     slots: int
     fused: bool
+    checkpointing: bool
+    _model: Any = None
+
+    @property
+    def model(self) -> Any:
+        """Built on first use: a rerun whose measurements are all kept needs no model (nor a GPU)."""
+        if self._model is None:
+            self._model = build_model(self.cfg, self.device)
+            if self.checkpointing:
+                self._model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return self._model
 
     @property
     def merged_rank(self) -> int:
@@ -95,18 +107,41 @@ class _Bench:
 
 def run_scalability(cfg: Config, out: Path) -> list[dict[str, Any]]:
     """Every prompt length of ``bench.prompt_lengths``: measure, extrapolate, write JSON and plots."""
-    device, name = device_name()
     b = cfg.bench
     labels = quality_labels(b.study_report) if b.study_report else {}
+    if b.replot:
+        return replot(cfg, out, labels)
+    device, name = device_name()
     slots, ckpt, fused = variant_slots(b.variants[0])
-    bench = _Bench(cfg, build_model(cfg, device), device, slots, fused)
-    if ckpt:
-        bench.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bench = _Bench(cfg, device, slots, fused, ckpt)
     try:
         return [_one_length(bench, cfg, n, name, out, labels) for n in (b.prompt_lengths or [b.prompt_tokens])]
     finally:
-        if ckpt:
+        if ckpt and bench._model is not None:
             bench.model.gradient_checkpointing_disable()
+
+
+def replot(cfg: Config, out: Path, labels: dict[str, Any]) -> list[dict[str, Any]]:
+    """``bench.replot``: the result files already in ``out`` with the Pareto recomputed (quality labels from
+    ``bench.study_report``) and every plot redrawn; no model, no device."""
+    from mta_ray.errors import InputError
+
+    paths = sorted(p for p in out.glob(f"scalability-{slug(cfg.bench.shape)}-*-p*.json")
+                   if not p.name.endswith(".partial.json"))
+    if not paths:
+        raise InputError(str(out), f"bench.replot: no scalability-{slug(cfg.bench.shape)}-*-p*.json results here")
+    results = []
+    for path in paths:
+        result = json.loads(path.read_text())
+        tokens = result["settings"]["prompt_tokens"]
+        result["pareto"] = pareto(with_values(cfg, {"bench.prompt_tokens": tokens}), result["bank"],
+                                  result["systems"], labels)
+        atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        plot_scalability(result, path.with_suffix(".png"))
+        plot_pareto(result, path.with_name(path.stem + "-pareto.png"))
+        print(f"  -> {path} (replotted)", flush=True)
+        results.append(result)
+    return results
 
 
 def _one_length(bench: _Bench, cfg: Config, tokens: int, device: str, out: Path,
@@ -116,11 +151,18 @@ def _one_length(bench: _Bench, cfg: Config, tokens: int, device: str, out: Path,
     print(f"bench scalability: {device}, model {b.shape}, {b.history_items} items x {tokens} tokens, "
           f"variant {b.variants[0]}, systems {b.systems}", flush=True)
     stem = f"scalability-{slug(b.shape)}-{slug(device)}-p{tokens}"
-    cache = _Cache(out / f".{stem}.partial.json", _settings_hash(cfg, device))
+    cache = _Cache(out / f"{stem}.partial.json", _settings_hash(cfg, device))
     if not cache.has("bank") or any(not cache.has(s) for s in b.systems):
         _warm_up(bench)
     bank = cache.get("bank", lambda: measure_bank(bench))
-    systems = {s: cache.get(s, lambda s=s: measure_system(bench, s)) for s in b.systems}
+    systems: dict[str, dict] = {}
+    for s in b.systems:
+        twin = bf16_twin(s) if s not in (PEFT, MULTISLOT) else s
+        if twin not in (s, None) and cache.has(twin):  # trains exactly like its twin: only storage differs
+            systems[s] = cache.get(s, lambda s=s, twin=twin: {**cache.data[twin], "timing_from": twin,
+                                                               **_storage(bench, s)})
+        else:
+            systems[s] = cache.get(s, lambda s=s: measure_system(bench, s))
     curve = build_curve(cfg, bank, systems)
     result = {
         "benchmark": "scalability", "device": device, "gpus": 1, "torch": torch.__version__, "model": b.shape,
@@ -165,7 +207,8 @@ class _Cache:
 
 def _settings_hash(cfg: Config, device: str) -> str:
     b = asdict(cfg.bench)
-    for volatile in ("systems", "scalability_users", "study_report", "prompt_lengths", "memory_users", "gpu_counts"):
+    for volatile in ("systems", "scalability_users", "study_report", "prompt_lengths", "memory_users", "gpu_counts",
+                     "replot"):
         b.pop(volatile)
     payload = {"device": device, "bench": b, "bank": asdict(cfg.bank), "adapt": asdict(cfg.adapt),
                "oppu": asdict(cfg.oppu), "merge": asdict(cfg.merge), "seed": cfg.seed}
@@ -207,13 +250,10 @@ def measure_system(bench: _Bench, name: str) -> dict[str, Any]:
     cfg = bench.cfg
     if name in (PEFT, MULTISLOT):
         train, n, merged = cfg.oppu, (cfg.bench.baseline_users if name == PEFT else cfg.bench.users), False
-        params = lora_params(bench.model, train.target_modules, train.rank)
-        record = 0
     else:
-        p = profile(name)
-        train = with_values(cfg, p.values).adapt
-        n, merged, record = cfg.bench.users, True, cfg.bench.anchors * ANCHOR_RECORD_BYTES
-        params = lora_params(bench.model, train.target_modules, train.rank) if p.trains else 0
+        train, n, merged = with_values(cfg, profile(name).values).adapt, cfg.bench.users, True
+    size = _storage(bench, name)
+    params = size["params_per_user"]
     jobs = bench.jobs(n, 100_000, merged=merged)
     if name == PEFT:
         sec, peak = bench.peft_cost(train, jobs)
@@ -225,9 +265,25 @@ def measure_system(bench: _Bench, name: str) -> dict[str, Any]:
     recipe = {k: getattr(train, k) for k in ("rank", "alpha", "target_modules", "epochs", "lr", "batch_size",
                                              "grad_accum")}
     return {"kind": "peft" if name == PEFT else "multislot" if params else "merge", "users": n,
-            "seconds": round(sec, 2), "s_per_user": sec / n, "peak_gpu_gib": round(peak / 2 ** 30, 2),
-            "params_per_user": params, "bytes_per_user": params * BYTES_PER_PARAM + record,
-            "recipe": recipe if params else {}, "mta": name not in (PEFT, MULTISLOT)}
+            "seconds": round(sec, 4), "s_per_user": sec / n, "peak_gpu_gib": round(peak / 2 ** 30, 2),
+            "recipe": recipe if params else {}, "mta": name not in (PEFT, MULTISLOT), **size}
+
+
+def _storage(bench: _Bench, name: str) -> dict[str, Any]:
+    """A system's per-user storage: its adapter's values at its precision, plus K anchor records for MTA."""
+    cfg = bench.cfg
+    if name in (PEFT, MULTISLOT):
+        train, precision, record, trains = cfg.oppu, "bfloat16", 0, True
+    else:
+        p = profile(name)
+        train = with_values(cfg, p.values).adapt
+        precision, record, trains = train.storage_precision, cfg.bench.anchors * ANCHOR_RECORD_BYTES, p.trains
+    if not trains:
+        return {"params_per_user": 0, "bytes_per_user": record, "storage_precision": None}
+    params = lora_params(bench.model, train.target_modules, train.rank)
+    components = train.rank * len(target_shapes(bench.model, train.target_modules))
+    return {"params_per_user": params, "storage_precision": precision,
+            "bytes_per_user": stored_bytes(params, components, precision) + record}
 
 
 def measure_merge(bench: _Bench, jobs: list[Job]) -> tuple[float, int]:

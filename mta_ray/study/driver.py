@@ -257,6 +257,7 @@ class Study:
         t0 = time.time()
         rows: list[dict] = []
         train_s = eval_s = 0.0
+        size: dict = {}
         bytes_per_user: list[float] = []
         for f in range(cfg.study.folds):
             d = self.test_dir(run.setting, f)
@@ -273,6 +274,7 @@ class Study:
                 shutil.rmtree(store, ignore_errors=True)  # a half-finished earlier attempt
                 run_personalize(cfg, d, run.method, workers, label=label, bank_dir=bank)
                 bytes_per_user.append(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / len(users))
+                size = _stored_size(cfg, run.method, store)
             t2 = time.time()
             reqs, texts = predict(cfg, d, run.method, users, plan, workers, label=label, bank_dir=bank)
             eval_s += time.time() - t2
@@ -286,13 +288,25 @@ class Study:
         result = {"setting": run.setting, "method": run.method, "name": run.name, "values": dict(run.values),
                   "rows": rows, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
                   "seconds": round(time.time() - t0, 1),
-                  "adapter_bytes_per_user": round(float(np.mean(bytes_per_user)), 1) if bytes_per_user else 0}
+                  "adapter_bytes_per_user": round(float(np.mean(bytes_per_user)), 1) if bytes_per_user else 0,
+                  "adapter_size": size}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
         m = run_metrics(task, rows)
         print(f"study: {run.setting} {run.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
               + f" ({result['seconds']}s)", flush=True)
         return result
+
+
+def _stored_size(cfg: Config, method_name: str, store: Path) -> dict:
+    """A trained store's adapter size per user at the recipe's storage precision; an ``int8`` stacked adapter
+    is rounded through int8 here, before evaluation (the store itself keeps bf16)."""
+    from mta_ray.files.precision import adapter_size, roundtrip_store
+
+    precision = cfg.adapt.storage_precision if method(method_name).recipe == "adapt" else "bfloat16"
+    if precision != "bfloat16":
+        roundtrip_store(store, precision)
+    return {**adapter_size(store, precision), "precision": precision} if (store / "layout.json").is_file() else {}
 
 
 # --------------------------------------------------------------------------- the procedure

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from mta_ray.config import Config
+from mta_ray.core.methods import method
 from mta_ray.core.metrics import primary_metric
-from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, PAPER, PROFILES
+from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, PAPER, PROFILES, bf16_twin
 from mta_ray.core.tasks import get_task
 from mta_ray.files.atomic import atomic_write_text
 from mta_ray.study.report import Results
@@ -66,12 +67,16 @@ def profile_table(cfg: Config, res: Results, runs: dict[str, dict]) -> dict[str,
     rows: dict[str, Any] = {}
     for name, run in runs.items():
         s = res.summary(run)
-        trained = run["method"] != "merged_only"
+        size = run.get("adapter_size") or {}
+        record = cfg.merge.top_k * ANCHOR_RECORD_BYTES if method(run["method"]).merges else 0
         row = {"method": run["method"], "run": run["name"], "metrics": s["metrics"], "ci95": s["ci95"],
-               "bytes_per_user": run.get("adapter_bytes_per_user", 0) if trained
-               else cfg.merge.top_k * ANCHOR_RECORD_BYTES,
+               "bytes_per_user": size.get("bytes", run.get("adapter_bytes_per_user", 0)) + record,
+               "precision": size.get("precision"), "store_file_bytes_per_user": run.get("adapter_bytes_per_user", 0),
                "train_s": run["train_s"], "eval_s": run["eval_s"],
                "summary": PROFILES[name].summary if name in PROFILES else name}
+        twin = bf16_twin(name) if name in PROFILES else None
+        if twin not in (None, name) and twin in runs:   # output fidelity of a storage precision
+            row["fidelity"] = fidelity(run, runs[twin])
         for ref, other in (("vs_mta", paper), *((f"vs_{r}", runs[r]) for r in REFERENCES)):
             if other["name"] != run["name"]:
                 row[ref] = _test(res.paired(run, other))
@@ -80,6 +85,13 @@ def profile_table(cfg: Config, res: Results, runs: dict[str, dict]) -> dict[str,
             row["not_below_paper"] = row["vs_mta"]["ci95"][1] >= 0
         rows[name] = row
     return {"metric": metric, "n_users": res.n_users, "n_queries": res.n_queries, "systems": rows}
+
+
+def fidelity(run: dict, twin: dict) -> dict[str, Any]:
+    """How often ``run`` (e.g. int8 storage) answers exactly as ``twin`` (the same training in bf16)."""
+    pairs = list(zip(run["rows"], twin["rows"]))
+    return {"vs": twin["name"], "same_outputs": sum(a["output"] == b["output"] for a, b in pairs) / len(pairs),
+            "same_predictions": sum(a["pred"] == b["pred"] for a, b in pairs) / len(pairs)}
 
 
 def _test(t: dict) -> dict:
@@ -139,17 +151,18 @@ def render(result: dict, plots: list[str]) -> str:
                   f"`{json.dumps(result['chosen'])}`.", ""]
     for p, pr in result["protocols"].items():
         lines += [f"Protocol `{p}` ({pr['n_users']} users, {pr['n_queries']} queries). Paired differences in "
-                  f"{metric} (95% CI); storage: measured adapter store bytes per user (merged-only: K anchor "
-                  "ids and weights). `not below paper`: the paired interval against the paper recipe reaches 0.", "",
+                  f"{metric} (95% CI); storage per user: the stored adapter's values at its precision (from the "
+                  "store's layout) plus K anchor ids and weights (merged-only: only those). `not below paper`: the paired interval against the paper recipe reaches 0.", "",
                   f"| profile | {metric} | stored / user | train s | vs paper MTA | vs OPPU | vs adapt-only | "
-                  "not below paper |", "| --- | ---: | ---: | ---: | --- | --- | --- | --- |"]
+                  "not below paper | same outputs as bf16 |", "| --- | ---: | ---: | ---: | --- | --- | --- | --- | ---: |"]
         for name, r in pr["systems"].items():
             m, c = r["metrics"][metric], r["ci95"][metric]
             cells = [f"{r[k]['advantage']:+.4f} {_ci(r[k]['ci95'])}" if k in r else "" for k in
                      ("vs_mta", "vs_oppu", "vs_adapt_only")]
             flag = {True: "yes", False: "**no**"}.get(r.get("not_below_paper"), "")
             lines.append(f"| {name} | {m:.4f} [{c[0]:.3f}, {c[1]:.3f}] | {r['bytes_per_user']:,.0f} B | "
-                         f"{r['train_s']:.1f} | " + " | ".join(cells) + f" | {flag} |")
+                         f"{r['train_s']:.1f} | " + " | ".join(cells) + f" | {flag} | "
+                         + (f"{r['fidelity']['same_outputs']:.3f}" if "fidelity" in r else "") + " |")
         lines.append("")
     if result["bank_size"]:
         lines += ["## Quality against bank size", "",
