@@ -299,7 +299,7 @@ class BenchConfig:
     ``oppu-multislot`` (its recipe on the multi-slot trainer) and MTA profiles (:mod:`mta_ray.core.profiles`)."""
     prompt_lengths: list[int] = field(default_factory=list)
     """``bench scalability``: tokens per training example, one result file each (empty = ``[prompt_tokens]``)."""
-    bank_users: int = 1000
+    bank_users: int = 250
     """``bench scalability``: users the bank is built from (its candidates); with ``bank.anchor_data: cluster``
     the anchors train on all their items. 0 = every personalised user."""
     study_report: str = ""

@@ -96,6 +96,9 @@ def test_bench_scalability_debug_size(tmp_path):
     assert main(args + ["bench.replot=true", f"bench.study_report={tmp_path}"]) == 0      # no model, no device
     assert path.with_name(path.stem + "-pareto.png").is_file()
     assert json.loads(path.read_text())["pareto"] == again["pareto"]
+    assert main(args + ["bench.replot=true", "bench.bank_users=10"]) == 0                  # a smaller bank pool
+    rows = {r["users"]: r for r in json.loads(path.read_text())["curve"]}
+    assert rows[300]["bank_items"] == 10 * 3 and rows[300]["bank_s"] == pytest.approx(30 * bank["s_per_item"], abs=0.2)
     assert main(["bench", "scalability", str(ROOT / "configs/bench/scalability-8b.yaml"), "--out",
                  str(tmp_path / "empty"), "bench.shape=tiny", "bench.replot=true"]) == 2
 

@@ -122,8 +122,10 @@ def run_scalability(cfg: Config, out: Path) -> list[dict[str, Any]]:
 
 
 def replot(cfg: Config, out: Path, labels: dict[str, Any]) -> list[dict[str, Any]]:
-    """``bench.replot``: the result files already in ``out`` with the Pareto recomputed (quality labels from
-    ``bench.study_report``) and every plot redrawn; no model, no device."""
+    """``bench.replot``: the result files already in ``out`` with the curve and Pareto recomputed from their
+    measurements (quality labels from ``bench.study_report``; the bank's size from ``bench.bank_users`` and
+    ``bank.anchor_data``, which only scale the measured per-item cost) and every plot redrawn; no model,
+    no device."""
     from mta_ray.errors import InputError
 
     paths = sorted(p for p in out.glob(f"scalability-{slug(cfg.bench.shape)}-*-p*.json")
@@ -133,9 +135,10 @@ def replot(cfg: Config, out: Path, labels: dict[str, Any]) -> list[dict[str, Any
     results = []
     for path in paths:
         result = json.loads(path.read_text())
-        tokens = result["settings"]["prompt_tokens"]
-        result["pareto"] = pareto(with_values(cfg, {"bench.prompt_tokens": tokens}), result["bank"],
-                                  result["systems"], labels)
+        at = with_values(cfg, {"bench.prompt_tokens": result["settings"]["prompt_tokens"]})
+        result["settings"].update(bank_users=at.bench.bank_users, bank=asdict(at.bank))
+        result["curve"] = build_curve(at, result["bank"], result["systems"])  # bench.bank_users, bank.anchor_data
+        result["pareto"] = pareto(at, result["bank"], result["systems"], labels)
         atomic_write_text(path, json.dumps(result, indent=1) + "\n")
         plot_scalability(result, path.with_suffix(".png"))
         plot_pareto(result, path.with_name(path.stem + "-pareto.png"))
@@ -382,11 +385,13 @@ def quality_labels(path: str) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------- plots
 
 def _colors(names: list[str]) -> dict[str, Any]:
+    """OPPU red and orange; MTA systems from tab20 without those (16 distinct colours)."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab10"]
-    return {n: ("tab:red" if n == PEFT else "tab:orange" if n == MULTISLOT else cmap(i % 10))
-            for i, n in enumerate(names)}
+    palette = [c for j, c in enumerate(matplotlib.colormaps["tab20"].colors) if j not in (2, 3, 6, 7)]
+    mta = [n for n in names if n not in (PEFT, MULTISLOT)]
+    return {n: ("tab:red" if n == PEFT else "tab:orange" if n == MULTISLOT else palette[mta.index(n) % len(palette)])
+            for n in names}
 
 
 def plot_scalability(result: dict[str, Any], path: Path) -> None:
@@ -431,14 +436,17 @@ def plot_pareto(result: dict[str, Any], path: Path) -> None:
     points = result["pareto"]["points"]
     colors = _colors(list(points))
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for name, p in points.items():
+    offsets = [(5, 4, "left"), (5, -12, "left"), (-5, 6, "right"), (-5, -12, "right")]  # neighbours stay legible
+    for i, (name, p) in enumerate(points.items()):
         x, y = p["gpu_hours_per_1000_users"], max(p["storage_bytes_per_user"], 1.0)
         ax.scatter([x], [y], color=colors[name], s=40, zorder=3, marker="s" if name.startswith("oppu") else "o")
         q = p.get("quality")
-        text = name + (f"\n{q['value']:.3f} [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}]" if q else "")
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        text = name + (f" {q['value']:.3f} [{q['ci95'][0]:.2f}, {q['ci95'][1]:.2f}]" if q else "")
+        dx, dy, ha = offsets[i % len(offsets)]
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=6, color=colors[name])
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.margins(0.2)
     ax.set_xlabel(f"GPU-hours per {result['pareto']['users']:,} users (MTA: bank included)")
     ax.set_ylabel("storage per user, bytes (bank shared out)")
     quality = next((p["quality"] for p in points.values() if p.get("quality")), None)
