@@ -219,10 +219,15 @@ def _settings_hash(cfg: Config, device: str) -> str:
 
 
 def _warm_up(bench: _Bench) -> None:
-    """Untimed: compile the fused kernels, fill the allocator, load PEFT's code paths."""
-    bench.trainer_cost(bench.cfg.adapt, bench.jobs(bench.slots, 50_000, merged=True), bench.merged_rank)
-    if PEFT in bench.cfg.bench.systems:
-        bench.peft_cost(bench.cfg.oppu, bench.jobs(1, 40_000, merged=False))
+    """Untimed: compile the fused kernels for every row shape the systems use (the stacked adapter's, the
+    bank's batch 1, OPPU's batch 16 in groups of ``adapt.max_rows``), fill the allocator, load PEFT's code."""
+    cfg, s = bench.cfg, bench.slots
+    bench.trainer_cost(cfg.adapt, bench.jobs(s, 50_000, merged=True, items=2), bench.merged_rank)
+    bench.trainer_cost(cfg.bank, bench.jobs(s, 51_000, merged=False, items=2), 0)
+    if MULTISLOT in cfg.bench.systems:
+        bench.trainer_cost(cfg.oppu, bench.jobs(s, 52_000, merged=False), 0)  # its real groups of rows
+    if PEFT in cfg.bench.systems:
+        bench.peft_cost(cfg.oppu, bench.jobs(1, 40_000, merged=False))
 
 
 def bank_items(cfg: Config, n: int) -> tuple[int, int]:
