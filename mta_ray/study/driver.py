@@ -329,13 +329,14 @@ def run_study(cfg: Config, out: Path, report_dir: Path) -> dict:
     from mta_ray.study.report import write_report
 
     st = cfg.study
+    fixed = fixed_choice(cfg) if st.select == "fixed" else None  # a bad fixed_from fails before any work
     study = Study(cfg, out)
     t0 = time.time()
     print(f"study: prepare {study.prepare()}", flush=True)
     sizes = bank_size_studies(study)  # prepared before any worker holds a GPU (embedding needs one)
     try:
-        if st.select == "fixed":
-            chosen, ao = fixed_choice(cfg)
+        if fixed is not None:
+            chosen, ao = fixed
             selection: list[dict] = []
             print(f"study: fixed settings ({st.fixed_from or 'the config'}): {chosen}", flush=True)
         else:
