@@ -23,6 +23,7 @@ import yaml
 
 from mta_ray.core.methods import METHOD_NAMES
 from mta_ray.core.tasks import TASKS
+from mta_ray.core.profiles import PROFILES
 from mta_ray.errors import InputError
 
 
@@ -192,6 +193,10 @@ class AdaptConfig(LoraTrainConfig):
     slots x batch_size is large (OPPU's batch 16 in many slots)."""
     shard_users: int = 256
     """Users per shard of the adapter store."""
+    storage_precision: Literal["bfloat16", "int8"] = "bfloat16"
+    """Precision of stored stacked adapters. The store writes bf16; ``int8`` (one scale per rank component,
+    :mod:`mta_ray.core.quant`) is for measuring it: the study rounds the trained adapters through int8
+    before evaluating, and ``bench scalability`` counts int8 bytes. The store does not write int8 yet."""
 
 
 @dataclass
@@ -276,6 +281,20 @@ class BenchConfig:
     """``bench evaluate``: queries per user (LaMP: 1; fewer users per query make the bootstrap cheaper)."""
     evaluate_tasks: list[str] = field(default_factory=lambda: ["lamp4", "lamp2"])
     """``bench evaluate``: tasks timed, e.g. a generation task (ROUGE) and a classification one (macro-F1)."""
+    systems: list[str] = field(default_factory=lambda: ["oppu", "oppu-multislot", *PROFILES])
+    """``bench scalability``: the systems measured: ``oppu`` (its code: one user at a time, PEFT),
+    ``oppu-multislot`` (its recipe on the multi-slot trainer) and MTA profiles (:mod:`mta_ray.core.profiles`)."""
+    prompt_lengths: list[int] = field(default_factory=list)
+    """``bench scalability``: tokens per training example, one result file each (empty = ``[prompt_tokens]``)."""
+    bank_users: int = 250
+    """``bench scalability``: users the bank is built from (its candidates); with ``bank.anchor_data: cluster``
+    the anchors train on all their items. 0 = every personalised user."""
+    study_report: str = ""
+    """``bench scalability``: a study report folder (or its ``profiles.json``) whose LaMP-2 accuracies label
+    the Pareto plot's points."""
+    replot: bool = False
+    """``bench scalability``: only recompute the Pareto and redraw the plots of the results already in
+    ``--out`` (e.g. once ``study_report`` exists); no model, no device."""
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -287,6 +306,12 @@ class BenchConfig:
             raise ValueError("gpu_counts must be a non-empty list of GPU counts")
         if not self.evaluate_queries:
             raise ValueError("evaluate_queries must be a non-empty list of query counts")
+
+        unknown = [s for s in self.systems if s not in ("oppu", "oppu-multislot") and s not in PROFILES]
+        if unknown or not self.systems:
+            raise ValueError(f"unknown systems {unknown}; known: oppu, oppu-multislot, {', '.join(PROFILES)}")
+        if any(n <= self.target_tokens for n in self.prompt_lengths):
+            raise ValueError("prompt_lengths must exceed target_tokens")
 
 
 @dataclass
@@ -309,8 +334,6 @@ class ExportConfig:
         if self.base_name.startswith(("pypi:", "random:")):
             raise ValueError(f"base_name must name a model a server can load (hub id or folder), "
                              f"not {self.base_name!r}")
-        if self.users_per_batch < 1:
-            raise ValueError("users_per_batch must be at least 1")
 
 
 @dataclass
@@ -345,6 +368,16 @@ class StudyConfig:
     dtype_check: bool = True
     """On a GPU, also run MTA and merged-only in float32 on the paper protocol (bf16 vs fp32), with the
     same (bf16-trained) bank: the check isolates the per-user stage and generation."""
+    select: Literal["validation", "fixed"] = "validation"
+    """``validation``: the greedy search above; ``fixed``: no search, the settings of ``fixed_from`` (or,
+    when empty, the config's own) are used as chosen, so the profiles and bank-size runs cost only their tests."""
+    fixed_from: str = ""
+    """A study's ``report.json`` whose ``chosen_on_validation`` and ``adapt_only_lr`` ``select: fixed`` reuses."""
+    profiles: list[str] = field(default_factory=list)
+    """MTA profiles (:mod:`mta_ray.core.profiles`) tested next to the paper recipe, OPPU and adapt-only."""
+    bank_folds: list[int] = field(default_factory=list)
+    """The bank-size curve: merged-only, MTA and adapt-only on the paper protocol with each of these fold
+    counts (a fold's bank = the other folds' users), each in ``<out>/folds-N``."""
 
     def __post_init__(self) -> None:
         bad = [p for p in self.protocols + self.ablation_protocols if p not in ("paper", "extended")]
@@ -357,6 +390,11 @@ class StudyConfig:
         for name in ("bank_lrs", "top_k", "alphas", "ranks", "adapt_lrs", "oppu_lrs"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty")
+        unknown = [p for p in self.profiles if p not in PROFILES]
+        if unknown:
+            raise ValueError(f"unknown profiles {unknown}; known: {', '.join(PROFILES)}")
+        if any(n < 2 for n in self.bank_folds):
+            raise ValueError("bank_folds must be fold counts of at least 2")
 
 
 @dataclass
@@ -536,7 +574,9 @@ RANGES: dict[str, Range] = {
     "BenchConfig.memory_budget_gib": POSITIVE, "BenchConfig.scalability_users": AT_LEAST_1,
     "BenchConfig.memory_users": AT_LEAST_1, "BenchConfig.gpu_counts": AT_LEAST_1,
     "BenchConfig.evaluate_queries": AT_LEAST_1, "BenchConfig.evaluate_methods": AT_LEAST_1,
-    "BenchConfig.evaluate_queries_per_user": AT_LEAST_1,
+    "BenchConfig.evaluate_queries_per_user": AT_LEAST_1, "BenchConfig.bank_users": AT_LEAST_0,
+    "BenchConfig.prompt_lengths": AT_LEAST_1, "StudyConfig.bank_folds": (2, math.inf, True, False),
+    "ExportConfig.users_per_batch": AT_LEAST_1,
     "StudyConfig.folds": (2, math.inf, True, False), "StudyConfig.validation_items": AT_LEAST_1,
     "StudyConfig.extended_items": AT_LEAST_1, "StudyConfig.bank_lrs": POSITIVE, "StudyConfig.top_k": AT_LEAST_1,
     "StudyConfig.alphas": UNIT, "StudyConfig.ranks": AT_LEAST_1, "StudyConfig.adapt_lrs": POSITIVE,

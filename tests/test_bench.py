@@ -38,27 +38,69 @@ def test_device_peaks():
 
 
 def test_bench_scalability_debug_size(tmp_path):
-    """Both methods measured at the smallest N, the rest extrapolated from measured per-unit costs."""
-    code = main(["bench", "scalability", str(ROOT / "configs/bench/scalability-8b.yaml"), "--out", str(tmp_path),
-                 "bench.shape=tiny", "bench.users=4", "bench.baseline_users=2", "bench.prompt_tokens=24",
-                 "bench.history_items=3", "bench.variants=[2]", "bench.scalability_users=[3, 30, 300]",
-                 "bank.num_clusters=5"])
-    assert code == 0
-    (path,) = tmp_path.glob("scalability-tiny-*.json")
+    """Every system measured whole at its measured users, the rest extrapolated from per-unit costs; two prompt
+    lengths; storage from the adapters' shapes; a rerun resumes from the measurements kept so far."""
+    args = ["bench", "scalability", str(ROOT / "configs/bench/scalability-8b.yaml"), "--out", str(tmp_path),
+            "bench.shape=tiny", "bench.users=4", "bench.baseline_users=2", "bench.prompt_lengths=[24, 12]",
+            "bench.history_items=3", "bench.variants=[2]", "bench.scalability_users=[3, 30, 300]",
+            "bank.num_clusters=5", "bench.bank_users=0", "adapt.epochs=2",
+            "bench.systems=[oppu, oppu-multislot, mta, mta-qv-r2-e1, mta-int8, mta-merged-only]"]
+    assert main(args) == 0
+    (path,) = tmp_path.glob("scalability-tiny-*-p24.json")
+    assert len(list(tmp_path.glob("scalability-tiny-*-p12.json"))) == 1
+    assert len(list(tmp_path.glob("scalability-tiny-*-p24*.png"))) == 2           # Figure 2 and the Pareto plot
     result = json.loads(path.read_text())
-    assert list(tmp_path.glob("scalability-tiny-*.png"))
+    systems = result["systems"]
+    assert set(systems) == {"oppu", "oppu-multislot", "mta", "mta-qv-r2-e1", "mta-int8", "mta-merged-only"}
+    # int8 trains like the paper recipe (its timing is reused) and stores a byte per value + 2 bf16 scales per rank
+    int8, paper = systems["mta-int8"], systems["mta"]
+    assert int8["timing_from"] == "mta" and int8["seconds"] == paper["seconds"]
+    components = 4 * 7 * 2                                              # rank 4 x 7 linear layers x 2 blocks
+    assert int8["bytes_per_user"] == paper["params_per_user"] + 4 * components + 16
+    assert paper["bytes_per_user"] == 2 * paper["params_per_user"] + 16
+    assert systems["oppu"]["users"] == 2 and systems["mta"]["users"] == 4
+    assert systems["mta-qv-r2-e1"]["recipe"]["epochs"] == 1 and systems["mta"]["recipe"]["epochs"] == 2
     rows = {r["users"]: r for r in result["curve"]}
-    assert [n for n, r in rows.items() if r["measured"]] == [3]
-    assert rows[3]["anchors"] == 3 and rows[300]["anchors"] == 5          # one anchor per cluster, at most K
-    unit = result["per_unit"]
-    assert unit["oppu_s_per_user"] > 0 and unit["mta_s_per_user"] > 0 and unit["bank_s_per_anchor"] > 0
-    assert rows[300]["oppu"]["seconds"] == pytest.approx(300 * unit["oppu_s_per_user"], abs=0.5)
-    assert rows[300]["mta"]["seconds"] == pytest.approx(5 * unit["bank_s_per_anchor"] + 300 * unit["mta_s_per_user"],
-                                                        abs=0.5)
-    # storage: OPPU r8 q/v vs the stacked r4 all-linear per user plus the bank once, in bf16
-    p = unit["params_per_user"]
-    assert rows[30]["oppu"]["storage_bytes"] == 30 * p["oppu"] * 2
-    assert rows[30]["mta"]["storage_bytes"] == (5 * unit["params_per_anchor"] + 30 * p["mta_stacked"]) * 2
+    assert sorted(rows) == [2, 3, 4, 30, 300]
+    assert rows[2]["systems"]["oppu"]["measured"] and not rows[4]["systems"]["oppu"]["measured"]
+    assert rows[4]["systems"]["mta"]["measured"] and not rows[300]["systems"]["mta"]["measured"]
+    assert rows[3]["anchors"] == 3 and rows[300]["anchors"] == 5                  # one anchor per cluster, at most K
+    bank = result["bank"]
+    assert bank["users"] == 4 and bank["anchors"] == 4 and bank["items"] == 12   # cluster-pooled: every item once
+    for name, s in systems.items():
+        assert s["seconds"] > 0 and s["s_per_user"] > 0
+        extra = rows[300]["bank_s"] if s["mta"] else 0
+        assert rows[300]["systems"][name]["seconds"] == pytest.approx(300 * s["s_per_user"] + extra, abs=0.2)
+    assert rows[300]["bank_s"] == pytest.approx(300 * 3 * bank["s_per_item"], abs=0.2)
+    # storage: OPPU r8 q/v per user; MTA: the stacked adapter + 2 anchor records per user, the bank once (bf16)
+    bank_bytes = 5 * bank["params_per_anchor"] * 2
+    assert rows[30]["systems"]["oppu"]["storage_bytes"] == 30 * systems["oppu"]["params_per_user"] * 2
+    assert rows[30]["systems"]["mta"]["storage_bytes"] == bank_bytes + 30 * (systems["mta"]["params_per_user"] * 2 + 16)
+    assert rows[30]["systems"]["mta-merged-only"]["storage_bytes"] == bank_bytes + 30 * 16
+    assert systems["mta-merged-only"]["params_per_user"] == 0
+    assert systems["mta-qv-r2-e1"]["params_per_user"] < systems["mta"]["params_per_user"] / 4
+    pareto = result["pareto"]["points"]
+    assert pareto["oppu"]["quality"] is None and "meets_cost_target" in pareto["mta"]
+    assert pareto["mta-merged-only"]["storage_vs_oppu"] < pareto["mta"]["storage_vs_oppu"]
+    # a rerun with a quality label file measures nothing again and labels the Pareto points
+    labels = tmp_path / "profiles.json"
+    labels.write_text(json.dumps({"protocols": {"paper": {"metric": "accuracy", "systems": {
+        "mta": {"metrics": {"accuracy": 0.25}, "ci95": {"accuracy": [0.1, 0.4]}},
+        "oppu": {"metrics": {"accuracy": 0.1}, "ci95": {"accuracy": [0.0, 0.2]}}}}}}))
+    assert main(args + [f"bench.study_report={tmp_path}"]) == 0
+    again = json.loads(path.read_text())
+    assert again["systems"] == systems
+    assert again["pareto"]["points"]["oppu-multislot"]["quality"]["value"] == 0.1
+    assert main(args + [f"bench.study_report={tmp_path / 'missing.json'}"]) == 2
+    (path.with_name(path.stem + "-pareto.png")).unlink()
+    assert main(args + ["bench.replot=true", f"bench.study_report={tmp_path}"]) == 0      # no model, no device
+    assert path.with_name(path.stem + "-pareto.png").is_file()
+    assert json.loads(path.read_text())["pareto"] == again["pareto"]
+    assert main(args + ["bench.replot=true", "bench.bank_users=10"]) == 0                  # a smaller bank pool
+    rows = {r["users"]: r for r in json.loads(path.read_text())["curve"]}
+    assert rows[300]["bank_items"] == 10 * 3 and rows[300]["bank_s"] == pytest.approx(30 * bank["s_per_item"], abs=0.2)
+    assert main(["bench", "scalability", str(ROOT / "configs/bench/scalability-8b.yaml"), "--out",
+                 str(tmp_path / "empty"), "bench.shape=tiny", "bench.replot=true"]) == 2
 
 
 @pytest.mark.slow

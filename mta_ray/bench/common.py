@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from mta_ray.config import Config, LoraTrainConfig
-from mta_ray.core.lora import LoraPair, fold_into, merge_delta, peft_target_modules, scaled
+from mta_ray.core.lora import Lora, LoraPair, fold_into, merge_delta, merge_params, peft_target_modules, scaled
 from mta_ray.engine.multilora import target_module_names
 from mta_ray.engine.trainer import Example, Job, plan_windows, user_seed
 
@@ -45,29 +45,42 @@ def build_model(cfg: Config, device: str) -> Any:
     return random_model(cfg.bench.shape, torch.bfloat16 if device == "cuda" else torch.float32, device)
 
 
-def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0, merged: bool = True,
-                   targets: list[str] | None = None) -> list[Job]:
-    """Users with ``history_items`` random-token examples and (``merged``) a random merged branch of K anchors."""
+def target_shapes(model: Any, targets: list[str]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each target linear layer by path (of the model as loaded: build jobs before a trainer
+    wraps its layers)."""
+    modules = dict(model.named_modules())
+    return {n: (modules[n].in_features, modules[n].out_features) for n in target_module_names(model, targets)}
+
+
+def random_anchors(model: Any, cfg: Config) -> list[Lora]:
+    """``bench.anchors`` random rank-``bank.rank`` anchor LoRAs on the bank's modules (seeded)."""
+    shapes, r = target_shapes(model, cfg.bank.target_modules), cfg.bank.rank
+    g = torch.Generator().manual_seed(1234)
+    return [{nm: LoraPair(torch.randn(r, i, generator=g) * 0.01, torch.randn(o, r, generator=g) * 0.01)
+             for nm, (i, o) in shapes.items()} for _ in range(cfg.bench.anchors)]
+
+
+def synthetic_jobs(model: Any, cfg: Config, n: int, offset: int = 0, merged: bool = True, items: int = 0,
+                   space: str = "delta") -> list[Job]:
+    """Users with ``items`` (default ``bench.history_items``) random-token examples of ``bench.prompt_tokens``
+    tokens and (``merged``) a merged branch of ``bench.anchors`` anchors on the bank's modules, merged in
+    ``space`` (params: rank ``bank.rank``; delta: K x that)."""
     b = cfg.bench
     vocab = model.config.vocab_size
-    names = target_module_names(model, targets or cfg.adapt.target_modules)
-    modules = dict(model.named_modules())
-    g = torch.Generator().manual_seed(1234)
-    anchors = [{nm: LoraPair(torch.randn(cfg.bank.rank, modules[nm].in_features, generator=g) * 0.01,
-                             torch.randn(modules[nm].out_features, cfg.bank.rank, generator=g) * 0.01)
-                for nm in names} for _ in range(b.anchors)]
+    anchors = random_anchors(model, cfg) if merged else []
     weights = [1.0 / b.anchors] * b.anchors
+    merge = merge_params if space == "params" else merge_delta
+    shared = merge(anchors, weights) if merged else None  # one merged branch for all: same cost, 1/n the memory
     jobs = []
     for u in range(offset, offset + n):
         gu = torch.Generator().manual_seed(u)
         examples = []
-        for _ in range(b.history_items):
+        for _ in range(items or b.history_items):
             ids = torch.randint(0, vocab, (b.prompt_tokens,), generator=gu).tolist()
             p = b.prompt_tokens - b.target_tokens
             examples.append(Example(ids, [-100] * p + ids[p:]))
         # (the bank would give each user its own K; the cost is the same)
-        jobs.append(Job(f"user{u:05d}", examples, merged=merge_delta(anchors, weights) if merged else None,
-                        seed=cfg.seed))
+        jobs.append(Job(f"user{u:05d}", examples, merged=shared, seed=cfg.seed))
     return jobs
 
 
@@ -138,8 +151,7 @@ def measure(fn: Callable[[], Any], device: str) -> tuple[Any, float, int]:
 
 def lora_params(model: Any, targets: list[str], rank: int) -> int:
     """Parameters of one rank-``rank`` LoRA on ``targets``: r x (in + out) per module."""
-    modules = dict(model.named_modules())
-    return sum(rank * (modules[n].in_features + modules[n].out_features) for n in target_module_names(model, targets))
+    return sum(rank * (i + o) for i, o in target_shapes(model, targets).values())
 
 
 def variant_slots(v: str) -> tuple[int, bool, bool]:

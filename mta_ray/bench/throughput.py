@@ -124,10 +124,11 @@ def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, f
     try:
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed,
-                                   fused=fused)
-        trainer.run(synthetic_jobs(model, cfg, slots, offset=20_000))  # warm-up: one full round (and compile)
+        warm_up = synthetic_jobs(model, cfg, slots, offset=20_000)  # made before the trainer wraps the layers
         jobs = synthetic_jobs(model, cfg, max(b.users, 2 * slots))
+        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed,
+                                   fused=fused, merged_targets=cfg.bank.target_modules)
+        trainer.run(warm_up)  # one full round (and compile)
         results, sec, peak = measure(lambda: trainer.run(jobs), device)
         fig = _figures(len(jobs), sec, _flops(jobs, *flop_args, head_on_targets_only=True), peak_flops, peak)
         fig["failed_users"] = sum(r.status != "ok" for r in results)
@@ -155,9 +156,10 @@ def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused)
+    jobs = synthetic_jobs(model, cfg, slots, offset=30_000)  # made before the trainer wraps the layers
+    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused,
+                               merged_targets=cfg.bank.target_modules)
     try:
-        jobs = synthetic_jobs(model, cfg, slots, offset=30_000)
         with profile(activities=acts) as prof:
             trainer.run(jobs)
             sync(device)

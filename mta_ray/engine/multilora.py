@@ -45,8 +45,10 @@ class MultiSlotLinear(nn.Module):
         self.dropout = dropout
         dev = base.weight.device
         out_f, in_f = base.out_features, base.in_features
-        self.lora_A = nn.Parameter(torch.zeros(slots, rank, in_f, device=dev))      # (S, r, in)
-        self.lora_B = nn.Parameter(torch.zeros(slots, out_f, rank, device=dev))     # (S, out, r)
+        # rank 0: a layer that carries only the merged branch (the bank adapts more modules than the
+        # stacked adapter); its empty factors take no part in training.
+        self.lora_A = nn.Parameter(torch.zeros(slots, rank, in_f, device=dev), requires_grad=rank > 0)  # (S, r, in)
+        self.lora_B = nn.Parameter(torch.zeros(slots, out_f, rank, device=dev), requires_grad=rank > 0)  # (S, out, r)
         dt = base.weight.dtype
         self.register_buffer("merged_A", torch.zeros(slots, merged_rank, in_f, device=dev, dtype=dt),
                              persistent=False)                                      # (S, R, in)
@@ -73,19 +75,19 @@ class MultiSlotLinear(nn.Module):
         squeeze = x.dim() == 2
         if squeeze:
             x, y = x.unsqueeze(1), y.unsqueeze(1)
-        A = self.lora_A.to(x.dtype)
-        B = self.lora_B.to(x.dtype) * self.scale
-        if self.dropout > 0 and torch.is_grad_enabled():
-            xa = F.dropout(x, self.dropout, training=True)
-            h = torch.bmm(xa, A.index_select(0, rows).transpose(1, 2))             # (N, T, r)
+        A = self.lora_A.to(x.dtype)                                                 # (S, r, in)
+        B = self.lora_B.to(x.dtype) * self.scale                                    # (S, out, r)
+        if A.shape[1] and self.dropout > 0 and torch.is_grad_enabled():
+            # dropout on the trainable branch's input only; the merged branch then sees x itself
+            h = torch.bmm(F.dropout(x, self.dropout, training=True), A.index_select(0, rows).transpose(1, 2))
             y = y + torch.bmm(h, B.index_select(0, rows).transpose(1, 2))
-            if self.merged_A.shape[1]:
-                hm = torch.bmm(x, self.merged_A.index_select(0, rows).transpose(1, 2))
-                y = y + torch.bmm(hm, self.merged_B.index_select(0, rows).transpose(1, 2))
-        else:
-            if self.merged_A.shape[1]:  # one pass over x for both branches
-                A = torch.cat([self.merged_A, A], dim=1)                            # (S, R+r, in)
-                B = torch.cat([self.merged_B, B], dim=2)                            # (S, out, R+r)
+            A, B = self.merged_A, self.merged_B
+        elif not A.shape[1]:  # a merged branch only (a module of the bank's, not of the stacked adapter)
+            A, B = self.merged_A, self.merged_B
+        elif self.merged_A.shape[1]:  # one pass over x for both branches
+            A = torch.cat([self.merged_A, A], dim=1)                                # (S, R+r, in)
+            B = torch.cat([self.merged_B, B], dim=2)                                # (S, out, R+r)
+        if A.shape[1]:
             h = torch.bmm(x, A.index_select(0, rows).transpose(1, 2))              # (N, T, R+r)
             y = torch.baddbmm(y, h, B.index_select(0, rows).transpose(1, 2))       # (N, T, out)
         return y.squeeze(1) if squeeze else y
@@ -107,14 +109,25 @@ def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
 
 
 def inject(model: nn.Module, targets: Iterable[str], slots: int, rank: int, merged_rank: int = 0,
-           scale: float = 1.0, dropout: float = 0.0) -> tuple[SlotRouter, dict[str, MultiSlotLinear]]:
-    """Replace the target linears of ``model`` in place by :class:`MultiSlotLinear` layers."""
+           scale: float = 1.0, dropout: float = 0.0,
+           merged_targets: Iterable[str] | None = None) -> tuple[SlotRouter, dict[str, MultiSlotLinear]]:
+    """Replace the target linears of ``model`` in place by :class:`MultiSlotLinear` layers.
+
+    ``targets``: the modules of the trainable (stacked) branch; ``merged_targets``: those of the frozen
+    merged branch (default: the same). The merged LoRA covers the bank's modules and the stacked adapter
+    its own, which may differ: layers get rank 0 for a branch they do not carry.
+    """
     router = SlotRouter()
     layers = {}
-    for name in target_module_names(model, targets):
+    trainable = set(target_module_names(model, targets))
+    merged: set[str] = set()
+    if merged_rank:
+        merged = set(target_module_names(model, merged_targets)) if merged_targets is not None else trainable
+    for name in [n for n, m in model.named_modules() if n in trainable | merged]:  # model order
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MultiSlotLinear(getattr(parent, child), router, slots, rank, merged_rank, scale, dropout)
+        layer = MultiSlotLinear(getattr(parent, child), router, slots, rank if name in trainable else 0,
+                                merged_rank if name in merged else 0, scale, dropout)
         setattr(parent, child, layer)
         layers[name] = layer
     return router, layers
@@ -139,6 +152,7 @@ class FlatFactors:
     """
 
     def __init__(self, layers: dict[str, MultiSlotLinear]):
+        layers = {name: layer for name, layer in layers.items() if layer.lora_A.shape[1]}  # merged-only: none
         params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
         slots, device = params[0].shape[0], params[0].device
         sizes = [p[0].numel() for p in params]
@@ -194,7 +208,15 @@ def _write_slot(A_all: torch.Tensor, B_all: torch.Tensor, slot: int, pair: LoraP
 
 @torch.no_grad()
 def set_merged(layers: dict[str, MultiSlotLinear], slot: int, lora: Lora | None) -> None:
-    """Load a frozen merged LoRA (scaling folded in B) into one slot; None clears it."""
+    """Load a frozen merged LoRA (scaling folded in B) into one slot; None clears it.
+
+    Every module of the LoRA must have a merged branch here: a module left out would silently change
+    the user's model (the merged branch must cover all of the bank's modules).
+    """
+    missing = sorted(set(lora or {}) - {n for n, layer in layers.items() if layer.merged_A.shape[1]})
+    if missing:
+        raise ValueError(f"the merged LoRA adapts {len(missing)} module(s) with no merged branch here, "
+                         f"e.g. {missing[0]}: inject with the bank's target modules as merged_targets")
     for name, layer in layers.items():
         _write_slot(layer.merged_A, layer.merged_B, slot, lora.get(name) if lora else None)
 
@@ -202,5 +224,9 @@ def set_merged(layers: dict[str, MultiSlotLinear], slot: int, lora: Lora | None)
 @torch.no_grad()
 def set_stacked(layers: dict[str, MultiSlotLinear], slot: int, raw: Lora) -> None:
     """Load raw (unscaled) trainable factors into one slot; modules it lacks get zeros."""
+    missing = sorted(set(raw) - {n for n, layer in layers.items() if layer.lora_A.shape[1]})
+    if missing:
+        raise ValueError(f"the stacked adapter adapts {len(missing)} module(s) with no trainable branch "
+                         f"here, e.g. {missing[0]}")
     for name, layer in layers.items():
         _write_slot(layer.lora_A, layer.lora_B, slot, raw.get(name))

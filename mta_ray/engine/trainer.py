@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -150,19 +150,22 @@ class MultiSlotTrainer:
 
     def __init__(self, model: nn.Module, cfg: LoraTrainConfig, slots: int, merged_rank: int = 0,
                  pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fused: bool | None = None, max_rows: int = 0):
+                 fused: bool | None = None, max_rows: int = 0, merged_targets: Sequence[str] | None = None):
         """``fused``: swap in compiled RMSNorm/SiLU-mul/rotary kernels (default: on CUDA only).
 
         ``max_rows``: most sequences in one forward/backward (0 = all busy slots at once); busy slots
         are split into groups under it, which changes nothing but peak memory (slots' gradients are
         separate rows of the factor tensors).
+
+        ``merged_targets``: the modules the frozen merged LoRAs adapt (the bank's ``target_modules``;
+        default: the stacked adapter's own); every one of them carries the merged branch.
         """
         self.model, self.cfg, self.slots, self.pad_id, self.seed = model, cfg, slots, pad_id, seed
         self.max_rows = max_rows
         self.betas, self.eps = betas, eps
         self.device = next(model.parameters()).device
         self.router, self.layers = inject(model, cfg.target_modules, slots, cfg.rank, merged_rank,
-                                          cfg.alpha / cfg.rank, cfg.dropout)
+                                          cfg.alpha / cfg.rank, cfg.dropout, merged_targets)
         self.factors = FlatFactors(self.layers)
         """Every slot's trainable factors (and gradients) as one (S, P) row each: the optimizer's unit."""
         self.exp_avg = torch.zeros_like(self.factors.data)

@@ -152,15 +152,18 @@ class ModelWorker:
         merges = kind != ANCHOR and method(kind).merges
         jobs = [self._job(u, cfg, merges, bank_dir, negatives or []) for u in users]
         R = merged_rank(cfg) if merges else 0
+        merged_targets = list(cfg.bank.target_modules) if merges else None  # the merged LoRA covers the bank's
         slots, max_rows = max(1, cfg.adapt.slots), cfg.adapt.max_rows
 
         def build() -> MultiSlotTrainer:
             return MultiSlotTrainer(self.model, tcfg, slots=slots, merged_rank=R,
-                                    pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, max_rows=max_rows)
+                                    pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, max_rows=max_rows,
+                                    merged_targets=merged_targets)
 
         # Calls with equal training settings share the running trainer (and its slots).
         queued = time.time()
-        results = self._trainer.train(repr((tcfg, R, slots, max_rows, cfg.seed)), jobs, build)
+        key = repr((tcfg, R, merged_targets, slots, max_rows, cfg.seed))
+        results = self._trainer.train(key, jobs, build)
         out = [{"user_id": r.user_id, "lora": pack(r.lora) if packed and r.lora is not None else r.lora,
                 "steps": r.steps, "final_loss": r.final_loss, "losses": list(r.step_losses), "status": r.status,
                 "error": r.error}

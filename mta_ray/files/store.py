@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mta_ray.core.lora import Lora, LoraPair
 from mta_ray.errors import InputError
@@ -188,6 +188,26 @@ class AdapterStore:
         numbers += [int(m.group(1)) for p in self.path.glob("index-*.parquet")
                     if (m := re.match(r"index-(\d+)\.parquet$", p.name))]
         return max(numbers, default=-1) + 1
+
+    def rewrite(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Replace every stored vector by ``transform(vec)`` (same size), shard by shard: the shard and then
+        its index (new checksums) are each replaced atomically. Returns the adapters rewritten."""
+        rewritten = 0
+        for idx in sorted(self.path.glob("index-*.parquet")):
+            rows = _read_index(idx).to_pylist()
+            shard = self.path / idx.name.replace("index-", "shard-").replace(".parquet", ".safetensors")
+            tensors = load_file(str(shard))
+            out = {k: v if k == "empty" else transform(v).to(torch.bfloat16).contiguous() for k, v in tensors.items()}
+            with atomic_path(shard) as tmp:
+                save_file(out, str(tmp))
+            offsets = _data_offsets(shard)
+            for row in rows:
+                if row["key"]:
+                    row["offset"], row["sha256"] = offsets[row["key"]][0], _digest(out[row["key"]])
+                    rewritten += 1
+            with atomic_path(idx) as tmp:
+                pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
+        return rewritten
 
     def flush(self) -> None:
         """Commit pending users as one shard + its index (atomically, in that order)."""

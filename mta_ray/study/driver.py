@@ -13,7 +13,11 @@ What it does (settings in ``study:`` of the config, see :class:`mta_ray.config.S
   the earlier candidate): bank (anchor data x bank lr) -> merge space -> top-K -> alpha (adaptive or
   fixed), all scored by merged-only (the merge on its own); then the stacked adapter's lr -> rank,
   scored by MTA; OPPU's and adapt-only's lr by themselves. The test protocols then run the chosen
-  configuration, every baseline, and one-factor studies around the choice.
+  configuration, every baseline, and one-factor studies around the choice. ``select: fixed`` skips the
+  search and reuses ``fixed_from``'s choice (a committed report) or the config's own settings.
+- **Profiles and bank size.** ``profiles``: lean MTA profiles (:mod:`mta_ray.core.profiles`) run on
+  every protocol next to the paper recipe; ``bank_folds``: merged-only, MTA and adapt-only on the paper
+  protocol with each fold count (bigger banks), in ``<out>/folds-N``. Report: :mod:`mta_ray.study.profiles`.
 - **Everything through the pipeline.** The real stages (embed on Ray Data, cluster, bank,
   personalize, evaluate's generation) on one pool of resident-model Ray workers kept for the whole
   study. Each evaluated run's predictions are cached in ``<out>/preds/``, so a rerun (or a second
@@ -22,7 +26,9 @@ What it does (settings in ``study:`` of the config, see :class:`mta_ray.config.S
 Report: :mod:`mta_ray.study.report` (``report.json``, ``report.md``, PNG plots).
 
 Run: ``mta-ray study configs/study/lamp2.yaml data.path=../shared/data/lamp2-movie-tagging-72users.json
---out runs/lamp2-study --report results/lamp2``
+--out runs/lamp2-study --report results/lamp2``; the profiles and the bank-size curve without the search:
+``mta-ray study configs/study/lamp2-profiles.yaml data.path=... --out runs/lamp2-profiles
+--report results/lamp2/profiles``
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import numpy as np
 
 from mta_ray.config import Config, to_dict, with_values
 from mta_ray.core.methods import BASELINES, MERGING, PROPOSED, method
+from mta_ray.core.profiles import profile
 from mta_ray.core.tasks import get_task
 from mta_ray.errors import InputError
 from mta_ray.files.atomic import atomic_write_text
@@ -118,17 +125,39 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.method + ("[" + ",".join(f"{k}={v}" for k, v in self.values) + "]" if self.values else "")
+        return self.method + ("[" + ",".join(f"{k}={_text(v)}" for k, v in self.values) + "]" if self.values else "")
+
+    def config_values(self) -> dict[str, Any]:
+        """The values as config settings (lists were kept as tuples so that a run can be hashed)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.values}
 
     @property
     def key(self) -> str:
         return hashlib.sha1(f"{self.setting}/{self.name}".encode()).hexdigest()[:16]
 
 
+def _text(v: Any) -> str:
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, tuple) else str(v)
+
+
 def make_run(setting: str, method: str, choice: dict[str, Any], **changes: Any) -> Run:
     values = canonical({**choice, **{k.replace("__", "."): v for k, v in changes.items()}})
     keys = relevant(method) + (("model.dtype",) if "model.dtype" in values else ())
     return Run(setting, method, tuple(sorted((k, values[k]) for k in keys)))
+
+
+def profile_run(setting: str, name: str, choice: dict[str, Any], cfg: Config) -> Run:
+    """Profile ``name`` on top of ``choice``: its method's run with the profile's settings. A key the method's
+    runs already carry is overridden; any other is added only where it differs from the config, so a profile
+    equal to a run made elsewhere (the paper recipe, a rank study) is that same run."""
+    p = profile(name)
+    base = make_run(setting, p.method, choice)
+    values, current = dict(base.values), to_dict(cfg)
+    for key, value in p.values.items():
+        section, leaf = key.split(".")
+        if key in values or current[section][leaf] != value:
+            values[key] = tuple(value) if isinstance(value, list) else value
+    return Run(setting, p.method, tuple(sorted(values.items())))
 
 
 @dataclass
@@ -222,12 +251,13 @@ class Study:
         from mta_ray.stages.evaluate import predict
         from mta_ray.stages.personalize import retrieval_plan, run_personalize
 
-        cfg = with_values(self.cfg, dict(run.values))
+        cfg = with_values(self.cfg, run.config_values())
         workers = self.pool(cfg.model.dtype)
         task = get_task(cfg.data.task)
         t0 = time.time()
         rows: list[dict] = []
         train_s = eval_s = 0.0
+        size: dict = {}
         bytes_per_user: list[float] = []
         for f in range(cfg.study.folds):
             d = self.test_dir(run.setting, f)
@@ -244,6 +274,7 @@ class Study:
                 shutil.rmtree(store, ignore_errors=True)  # a half-finished earlier attempt
                 run_personalize(cfg, d, run.method, workers, label=label, bank_dir=bank)
                 bytes_per_user.append(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / len(users))
+                size = _stored_size(cfg, run.method, store)
             t2 = time.time()
             reqs, texts = predict(cfg, d, run.method, users, plan, workers, label=label, bank_dir=bank)
             eval_s += time.time() - t2
@@ -257,13 +288,25 @@ class Study:
         result = {"setting": run.setting, "method": run.method, "name": run.name, "values": dict(run.values),
                   "rows": rows, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
                   "seconds": round(time.time() - t0, 1),
-                  "adapter_bytes_per_user": round(float(np.mean(bytes_per_user)), 1) if bytes_per_user else 0}
+                  "adapter_bytes_per_user": round(float(np.mean(bytes_per_user)), 1) if bytes_per_user else 0,
+                  "adapter_size": size}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(result) + "\n")
         m = run_metrics(task, rows)
         print(f"study: {run.setting} {run.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
               + f" ({result['seconds']}s)", flush=True)
         return result
+
+
+def _stored_size(cfg: Config, method_name: str, store: Path) -> dict:
+    """A trained store's adapter size per user at the recipe's storage precision; an ``int8`` stacked adapter
+    is rounded through int8 here, before evaluation (the store itself keeps bf16)."""
+    from mta_ray.files.precision import adapter_size, roundtrip_store
+
+    precision = cfg.adapt.storage_precision if method(method_name).recipe == "adapt" else "bfloat16"
+    if precision != "bfloat16":
+        roundtrip_store(store, precision)
+    return {**adapter_size(store, precision), "precision": precision} if (store / "layout.json").is_file() else {}
 
 
 # --------------------------------------------------------------------------- the procedure
@@ -281,21 +324,33 @@ def choose(study: Study, task, method: str, choice: dict, key_values: list[dict]
 
 
 def run_study(cfg: Config, out: Path, report_dir: Path) -> dict:
-    """The whole study: prepare, choose on validation, run every test, write the report."""
+    """The whole study: prepare, choose on validation (or take the fixed settings), run every test and the
+    bank-size curve, write the report."""
     from mta_ray.study.report import write_report
 
+    st = cfg.study
+    fixed = fixed_choice(cfg) if st.select == "fixed" else None  # a bad fixed_from fails before any work
     study = Study(cfg, out)
     t0 = time.time()
     print(f"study: prepare {study.prepare()}", flush=True)
+    sizes = bank_size_studies(study)  # prepared before any worker holds a GPU (embedding needs one)
     try:
-        chosen, ao, selection = select_on_validation(study)
-        print(f"study: chosen on validation: {chosen} (adapt-only lr {ao['adapt.lr']})", flush=True)
+        if fixed is not None:
+            chosen, ao = fixed
+            selection: list[dict] = []
+            print(f"study: fixed settings ({st.fixed_from or 'the config'}): {chosen}", flush=True)
+        else:
+            chosen, ao, selection = select_on_validation(study)
+            print(f"study: chosen on validation: {chosen} (adapt-only lr {ao['adapt.lr']})", flush=True)
         tests = run_tests(study, chosen, ao)
+        bank_size = run_bank_size(study, sizes, chosen, ao)
     finally:
         study.close()
     plan = {"chosen": chosen, "adapt_only_lr": ao["adapt.lr"], "selection": selection,
+            "select": st.select, "fixed_from": st.fixed_from,
             "tests": {p: [r.key for r in runs] for p, runs in tests.items()},
-            "seconds": round(time.time() - t0, 1)}
+            "profiles": {p: profile_keys(p, chosen, ao, cfg) for p in st.protocols},
+            "bank_size": bank_size, "seconds": round(time.time() - t0, 1)}
     atomic_write_text(out / "plan.json", json.dumps(plan, indent=1, default=str) + "\n")
     return write_report(cfg, out, report_dir)
 
@@ -305,15 +360,48 @@ def _first(default: Any, values: list) -> list:
     return [default] + [v for v in values if v != default]
 
 
+def profile_keys(protocol: str, chosen: dict, ao: dict, cfg: Config) -> dict[str, str]:
+    """Run keys of the paper recipe, each profile of ``study.profiles``, OPPU and adapt-only (the report's rows)."""
+    keys = {name: profile_run(protocol, name, chosen, cfg).key for name in dict.fromkeys(("mta", *cfg.study.profiles))}
+    keys["oppu"] = make_run(protocol, "oppu", chosen).key
+    keys["adapt_only"] = make_run(protocol, "adapt_only", ao).key
+    return keys
+
+
+def config_choice(cfg: Config) -> dict[str, Any]:
+    """The config's own values of every setting the study chooses."""
+    return {"bank.anchor_data": cfg.bank.anchor_data, "bank.lr": cfg.bank.lr, "merge.space": cfg.merge.space,
+            "merge.top_k": cfg.merge.top_k, "merge.fixed_alpha": cfg.merge.fixed_alpha,
+            "adapt.lr": cfg.adapt.lr, "adapt.rank": cfg.adapt.rank, "adapt.alpha": cfg.adapt.alpha,
+            "oppu.lr": cfg.oppu.lr}
+
+
+def fixed_choice(cfg: Config) -> tuple[dict, dict]:
+    """``select: fixed``: (MTA's settings, adapt-only's) from ``study.fixed_from``'s report, or the config's."""
+    choice = config_choice(cfg)
+    src = cfg.study.fixed_from
+    if not src:
+        return choice, choice
+    path = Path(src) / "report.json" if Path(src).is_dir() else Path(src)
+    try:
+        report = json.loads(path.read_text())
+        chosen, ao_lr = report["chosen_on_validation"], report["adapt_only_lr"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(str(path), "study.fixed_from: not a study report.json with chosen_on_validation "
+                                    "and adapt_only_lr") from None
+    unknown = sorted(set(chosen) - set(choice))
+    if unknown:
+        raise InputError(str(path), f"study.fixed_from: unknown settings {unknown}")
+    chosen = canonical({**choice, **chosen})
+    with_values(cfg, chosen, str(path))  # validated like a config file
+    return chosen, {**chosen, "adapt.lr": ao_lr}
+
+
 def select_on_validation(study: Study) -> tuple[dict, dict, list[dict]]:
     """Greedy, one factor at a time on validation queries: (MTA's chosen settings, adapt-only's, the table)."""
     cfg, st = study.cfg, study.cfg.study
     task = get_task(cfg.data.task)
-    choice: dict[str, Any] = {
-        "bank.anchor_data": cfg.bank.anchor_data, "bank.lr": cfg.bank.lr, "merge.space": cfg.merge.space,
-        "merge.top_k": cfg.merge.top_k, "merge.fixed_alpha": cfg.merge.fixed_alpha,
-        "adapt.lr": cfg.adapt.lr, "adapt.rank": cfg.adapt.rank, "adapt.alpha": cfg.adapt.alpha,
-        "oppu.lr": cfg.oppu.lr}
+    choice: dict[str, Any] = config_choice(cfg)
     banks = [{"bank.anchor_data": a, "bank.lr": lr} for a in _first(choice["bank.anchor_data"], st.anchor_data)
              for lr in _first(choice["bank.lr"], st.bank_lrs)]
     selection: list[dict] = []
@@ -342,6 +430,7 @@ def run_tests(study: Study, chosen: dict, ao: dict) -> dict[str, list[Run]]:
     tests: dict[str, list[Run]] = {}
     for p in st.protocols:
         runs = [make_run(p, m, ao if m == "adapt_only" else chosen) for m in BASELINES + (PROPOSED,)]
+        runs += [profile_run(p, name, chosen, cfg) for name in st.profiles]
         if p in st.ablation_protocols:
             runs += _ablations(p, chosen, st)
         tests[p] = list(dict.fromkeys(runs))  # unique, in order
@@ -354,6 +443,42 @@ def run_tests(study: Study, chosen: dict, ao: dict) -> dict[str, list[Run]]:
             study.run(r)
             tests["paper"].append(r)
     return tests
+
+
+BANK_SIZE_METHODS = ("merged_only", PROPOSED, "adapt_only")
+"""What the bank-size curve runs: the merge alone, MTA, and the stacked adapter without the merge."""
+
+
+def bank_size_studies(study: Study) -> dict[int, Study]:
+    """One prepared study per fold count of ``study.bank_folds`` (the main study for its own count); they
+    will share the main study's workers."""
+    cfg = study.cfg
+    sizes: dict[int, Study] = {}
+    for n in cfg.study.bank_folds:
+        if n == cfg.study.folds:
+            sizes[n] = study
+            continue
+        sub = Study(with_values(cfg, {"study.folds": n}), study.out / f"folds-{n}")
+        print(f"study: prepare the {n}-fold bank-size study {sub.prepare()}", flush=True)
+        sizes[n] = sub
+    return sizes
+
+
+def run_bank_size(study: Study, sizes: dict[int, Study], chosen: dict, ao: dict) -> dict[str, Any]:
+    """Merged-only, MTA and adapt-only on the paper protocol with every fold count: {N: folder, run keys}."""
+    out: dict[str, Any] = {}
+    for n, sub in sizes.items():
+        if sub is not study:  # one pool of workers for all (the fold count does not change a worker)
+            sub.workers, sub.pool_dtype = study.workers, study.pool_dtype
+        keys = {}
+        for m in BANK_SIZE_METHODS:
+            run = make_run("paper", m, ao if m == "adapt_only" else chosen)
+            sub.run(run)
+            keys[m] = run.key
+        if sub is not study:
+            study.workers, study.pool_dtype = sub.workers, sub.pool_dtype
+        out[str(n)] = {"out": str(sub.out.relative_to(study.out)) if sub is not study else ".", "runs": keys}
+    return out
 
 
 def _ablations(protocol: str, chosen: dict, st: Any) -> list[Run]:

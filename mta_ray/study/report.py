@@ -123,7 +123,10 @@ def write_report(cfg: Config, out: Path, report_dir: Path) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report_dir / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     plots = _plots(report, report_dir, metric)
-    atomic_write_text(report_dir / "report.md", render(report, plots, report_dir))
+    from mta_ray.study.profiles import write_profiles  # profiles and bank size (issue 15); "" when not run
+
+    extra = write_profiles(cfg, out, report_dir, plan)
+    atomic_write_text(report_dir / "report.md", render(report, plots, report_dir) + extra)
     return report
 
 
