@@ -27,6 +27,7 @@ from mta_ray.core.metrics import HIGHER_IS_BETTER, primary_metric, score
 from mta_ray.core.statistics import draws, interval95, paired, user_resamples
 from mta_ray.core.tasks import Task, get_task
 from mta_ray.files.atomic import atomic_write_text
+from mta_ray.files.chart import write_chart
 from mta_ray.files.layout import RunLayout, bank_retriever
 from mta_ray.files.store import AdapterStore
 from mta_ray.files.tables import iter_users_with_anchors
@@ -130,6 +131,7 @@ def run_evaluate(cfg: Config, out: Path, workers: list | None = None, timing: di
     run = RunLayout(out)
     atomic_write_text(run.report_json, json.dumps(report, indent=1) + "\n")
     atomic_write_text(run.report_md, render_markdown(report))
+    write_chart(report, run.root)
     return report
 
 
