@@ -88,7 +88,8 @@ def run_all(cfg: Config, out: Path, force_prepare: bool = False) -> dict:
     """Every step of :func:`pipeline_steps` in order; returns evaluate's report.
 
     The model stages share one resident worker pool (one base-model load for bank, every personalize
-    and evaluate), started when the first of them runs: embed's Ray Data actors need the CPUs before.
+    and evaluate), started when the first of them runs: embed's Ray Data actors need the CPUs before,
+    and a DeepSpeed bank (``bank.engine=deepspeed``) its Ray Train workers.
     """
     from mta_ray.engine.workers import stop_workers
     from mta_ray.stages.evaluate import render_markdown
@@ -103,7 +104,7 @@ def run_all(cfg: Config, out: Path, force_prepare: bool = False) -> dict:
                 timing["before_evaluate_s"] = round(time.time() - t_start, 1)
             t0 = time.time()
             print(f"== {step.label}", flush=True)
-            if step.uses_models and pool is None:
+            if step.uses_models and pool is None and not _deepspeed_bank(step, cfg):
                 pool = _start_pool(cfg, out, timing)
             report = run_step(step, cfg, out, workers=pool, timing=timing, force=force_prepare)
             if step.stage != "evaluate":
@@ -118,6 +119,10 @@ def run_all(cfg: Config, out: Path, force_prepare: bool = False) -> dict:
           f"{run.root / CHART_NAME} (the chart); adapters in {run.root / 'adapters'}/, bank in {run.bank}/; "
           f"total {time.time() - t_start:.0f}s", flush=True)
     return report
+
+
+def _deepspeed_bank(step: Step, cfg: Config) -> bool:
+    return step.stage == "bank" and cfg.bank.engine == "deepspeed"
 
 
 def _start_pool(cfg: Config, out: Path, timing: dict[str, float]) -> list:
