@@ -339,7 +339,8 @@ def test_user_prompt_rebuilds_what_evaluation_asks(tiny_model_dir, tmp_path):
             "queries": [{"id": "q", "input": query, "gold": "sci-fi"}]}
     users = tmp_path / "users.parquet"
     write_users([user], users)
-    cfg = load_config(DEMO, [f"model.base={tiny_model_dir}", "data.history_k=1", "model.max_prompt_tokens=400"])
+    cfg = load_config(DEMO, [f"model.base={tiny_model_dir}", "data.history_k=1", "model.max_prompt_tokens=400",
+                             "model.chat_template=true"])
     tok = load_tokenizer(cfg.model)
     recipe = PromptRecipe.from_config(cfg, "org/served-base")
     recipe.save(tmp_path)
@@ -350,7 +351,7 @@ def test_user_prompt_rebuilds_what_evaluation_asks(tiny_model_dir, tmp_path):
     assert prompt.token_ids == encode_prompt(tok, prompt.text, 400, True) and not prompt.truncated
     assert tok.decode(prompt.token_ids).count("robots in space") == 1 and "<|im_start|>assistant" in tok.decode(
         prompt.token_ids)                                                   # SmolLM2's chat template
-    cut = load_config(DEMO, ["data.history_k=1", "model.max_prompt_tokens=24"])
+    cut = load_config(DEMO, ["data.history_k=1", "model.max_prompt_tokens=24", "model.chat_template=true"])
     short = user_prompt(PromptRecipe.from_config(cut, "x"), users, "u/1", query, tok)
     assert short.truncated and short.token_ids == prompt.token_ids[-24:]    # cut from the left
     assert user_prompt(recipe, users, "u/1", query).token_ids is None

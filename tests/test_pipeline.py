@@ -43,7 +43,7 @@ def test_run_produces_a_report_with_every_method(run_dir):
         assert m["ci95"]["accuracy"][0] <= m["metrics"]["accuracy"] <= m["ci95"]["accuracy"][1]
     assert set(report["comparisons"]) == set(METHODS) - {"mta"}
     assert report["storage"]["mta_bytes_per_user"] > 0 and report["timing"]["evaluate_s"] > 0
-    assert "| mta |" in (run_dir / "report.md").read_text()
+    assert "| mta |" in (run_dir / "report.md").read_text() and (run_dir / "report.png").is_file()
     manifest = json.loads((run_dir / "bank" / "manifest.json").read_text())
     assert len(manifest["anchors"]) >= 1
     for kind in ("mta", "adapt_only", "oppu"):

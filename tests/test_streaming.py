@@ -49,7 +49,8 @@ def test_users_are_written_and_read_in_row_groups_in_order(tmp_path):
 
 
 def test_synthetic_users_are_generated_while_written(tmp_path):
-    cfg = load_config("configs/demo.yaml", ["data.synthetic.num_users=30", "data.max_users=21"])
+    cfg = load_config("configs/demo.yaml", ["data.synthetic.num_users=30", "data.max_users=21",
+                                            "data.synthetic.queries_per_user=2"])
     summary = run_prepare(cfg, tmp_path)
     assert summary["users"] == 21 and summary["queries"] == 42 and count_rows(tmp_path / USERS_FILE) == 21
 

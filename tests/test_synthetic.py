@@ -1,18 +1,22 @@
-"""The embedded demo benchmark: deterministic, and built so that other users carry the answer."""
-
-from collections import defaultdict
+"""The embedded demo benchmark: deterministic, and each query's answer is where the module docstring says."""
 
 import pytest
 
 from mta_ray.config import SyntheticConfig
 from mta_ray.core.tasks import LAMP2_TAGS, get_task
-from mta_ray.files.synthetic import TOPICS, generate_users, persona_table
+from mta_ray.files.synthetic import (ALL_TOPICS, GENERAL_TOPICS, QUERY_KINDS, TOPICS, generate_users,
+                                     persona_table, query_kind, topic_of)
+
+TASK = get_task("lamp2")
 
 
-def _topic_of(text: str) -> str:
-    hits = [t for t, spec in TOPICS.items() if any(w in text for w in spec["what"])]
-    assert len(hits) == 1
-    return hits[0]
+def _users(**kw):
+    cfg = SyntheticConfig(**{"num_users": 40, "num_personas": 4, "queries_per_user": 4, **kw})
+    return list(generate_users(cfg, TASK))
+
+
+def _query_topic(q) -> str:
+    return topic_of(TASK.query_slots(q["input"])["x"])
 
 
 @pytest.mark.parametrize("task", ["lamp2", "lamp4"])
@@ -23,30 +27,57 @@ def test_deterministic_and_seeded(task):
     assert a != list(generate_users(SyntheticConfig(num_users=12, seed=4), get_task(task)))
 
 
-def test_queries_need_the_persona_not_the_users_own_items():
-    cfg = SyntheticConfig(num_users=40, num_personas=4)
-    task = get_task("lamp2")
-    users = list(generate_users(cfg, task))
-    personas = persona_table(cfg.num_personas, cfg.seed)
-    answer_by_persona_topic = defaultdict(set)
+def test_queries_cycle_through_the_four_kinds():
+    for u in _users():
+        assert [query_kind(q["id"]) for q in u["queries"]] == list(QUERY_KINDS)
+
+
+def test_every_persona_answers_its_topics_one_way_and_never_the_obvious_way():
+    users = _users()
+    answers = {}
     for u in users:
         for it in u["history"]:
-            answer_by_persona_topic[(u["persona"], _topic_of(it["input"]))].add(it["output"])
-    # every persona answers each of its topics one way only
-    assert all(len(v) == 1 for v in answer_by_persona_topic.values())
-    ordinary = [u for u in users if len(u["history"]) <= cfg.max_items]
+            if topic_of(it["input"]) in TOPICS:
+                answers.setdefault((u["persona"], topic_of(it["input"])), set()).add(it["output"])
+    assert all(len(v) == 1 for v in answers.values())
+    assert all(ALL_TOPICS[t]["tags"][0] not in v for (_, t), v in answers.items())
+
+
+def test_shared_answers_are_carried_by_other_users_of_the_persona_only():
+    users = _users()
+    ordinary = [u for u in users if len(u["history"]) <= 6]
     assert ordinary
     for u in ordinary:
-        own_topics = {_topic_of(it["input"]) for it in u["history"]}
-        for q in u["queries"]:
-            topic = _topic_of(task.query_slots(q["input"])["x"])
-            assert topic not in own_topics                       # own history does not show it
-            assert topic in personas[u["persona"]]["topics"]
-            assert q["gold"] in LAMP2_TAGS
-            # ...but another user of the same persona has items of that topic with that answer
-            mates = [v for v in users if v["persona"] == u["persona"] and v is not u]
-            assert any(_topic_of(it["input"]) == topic and it["output"] == q["gold"]
-                       for v in mates for it in v["history"])
+        q = next(q for q in u["queries"] if query_kind(q["id"]) == "shared")
+        topic = _query_topic(q)
+        assert topic not in {topic_of(it["input"]) for it in u["history"]}     # not in its own items
+        assert q["gold"] != ALL_TOPICS[topic]["tags"][0]                        # not the obvious guess
+        mates = [v for v in users if v["persona"] == u["persona"] and v is not u]
+        assert any(topic_of(it["input"]) == topic and it["output"] == q["gold"] for v in mates for it in v["history"])
+
+
+def test_quirk_answers_are_in_the_users_own_items_and_not_the_crowds():
+    for u in _users():
+        q = next(q for q in u["queries"] if query_kind(q["id"]) == "quirk")
+        topic = _query_topic(q)
+        assert topic in GENERAL_TOPICS and q["gold"] != GENERAL_TOPICS[topic]["tags"][0]
+        assert any(topic_of(it["input"]) == topic and it["output"] == q["gold"] for it in u["history"])
+
+
+def test_plain_answers_are_named_by_the_description():
+    for u in _users():
+        q = next(q for q in u["queries"] if query_kind(q["id"]) == "plain")
+        topic = _query_topic(q)
+        assert topic in GENERAL_TOPICS and q["gold"] == GENERAL_TOPICS[topic]["tags"][0] in LAMP2_TAGS
+        assert q["gold"] in TASK.query_slots(q["input"])["x"].lower()
+    for spec in ALL_TOPICS.values():  # every cue names its topic's obvious tag
+        assert spec["tags"][0] in spec["cue"].lower() and set(spec["tags"]) <= set(LAMP2_TAGS)
+
+
+def test_own_answers_are_in_the_users_own_items():
+    for u in _users():
+        q = next(q for q in u["queries"] if query_kind(q["id"]) == "own")
+        assert any(topic_of(it["input"]) == _query_topic(q) and it["output"] == q["gold"] for it in u["history"])
 
 
 def test_personas_have_own_topics_and_non_obvious_answers():
@@ -63,7 +94,7 @@ def test_personas_have_own_topics_and_non_obvious_answers():
 
 def test_active_users_are_the_longest_histories():
     cfg = SyntheticConfig(num_users=20, num_personas=4, active_users_per_persona=1, active_items=16)
-    users = list(generate_users(cfg, get_task("lamp2")))
+    users = list(generate_users(cfg, TASK))
     longest = sorted(users, key=lambda u: -len(u["history"]))[:4]
     assert sorted(u["persona"] for u in longest) == [0, 1, 2, 3]
 

@@ -63,6 +63,12 @@ TRAINED: tuple[str, ...] = (PROPOSED,) + tuple(n for n, m in METHODS.items() if 
 RAG: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.rag_k is not None)
 MERGING: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.merges)
 """Methods that merge anchors (the ones bank, merge-space, top-K and alpha studies vary)."""
+ABLATIONS: tuple[str, ...] = ("merged_only", "adapt_only")
+"""MTA with one of its two stages removed: the merge alone, the stacked adapter on the bare base."""
+AROUND_MTA: tuple[str, ...] = (ABLATIONS[0], PROPOSED, ABLATIONS[1])
+"""MTA between its two ablations (the bank-size curve's methods, in the order plots show them)."""
+PER_USER_BASELINES: tuple[str, ...] = ("oppu", "adapt_only")
+"""Trained per-user baselines without the bank: what a leaner MTA profile is compared with."""
 
 
 def method(name: str) -> Method:

@@ -32,6 +32,7 @@ from mta_ray.core.statistics import UserBootstrap, method_stats
 from mta_ray.core.tasks import Task, get_task
 from mta_ray.errors import InputError
 from mta_ray.files.atomic import atomic_write_text
+from mta_ray.files.chart import write_chart
 from mta_ray.files.layout import RunLayout, bank_retriever, read_manifest
 from mta_ray.files.losses import CURVE_USERS, iter_losses, loss_curves_png
 from mta_ray.files.predictions import PredictionsWriter, first_rows, n_users, score_blocks
@@ -197,6 +198,7 @@ def build_report(cfg: Config, out: Path, timing: dict | None = None, t0: float |
     report["plots"] = [run.loss_curves_png.name] if _loss_plot(cfg, run, task.name) else []
     atomic_write_text(run.report_json, json.dumps(report, indent=1) + "\n")
     atomic_write_text(run.report_md, render_markdown(report))
+    write_chart(report, run.root)
     return report
 
 

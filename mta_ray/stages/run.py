@@ -20,6 +20,7 @@ from mta_ray.core.methods import PROPOSED, TRAINED, method
 from mta_ray.errors import InputError
 from mta_ray.files import provenance
 from mta_ray.files.atomic import atomic_write_text
+from mta_ray.files.chart import CHART_NAME
 from mta_ray.files.layout import RunLayout, save_resolved, verify_bank
 
 STAGES = ("prepare", "embed", "cluster", "bank", "personalize", "evaluate")
@@ -219,21 +220,61 @@ def _call(step: Step, cfg: Config, out: Path, workers: list | None, timing: dict
 
 def run_all(cfg: Config, out: Path, force_prepare: bool = False, allow_missing: bool = False,
             config_path: str = "CONFIG") -> dict:
-    """Every step of :func:`pipeline_steps` in order; returns evaluate's report."""
+    """Every step of :func:`pipeline_steps` in order; returns evaluate's report.
+
+    The model stages share one resident worker pool (one base-model load for bank, every personalize
+    and evaluate), started when the first of them runs, after the driver has checked the base model:
+    embed's Ray Data actors need the CPUs before, and a DeepSpeed bank (``bank.engine=deepspeed``) its
+    Ray Train workers.
+    """
+    from mta_ray.engine.workers import stop_workers
     from mta_ray.stages.evaluate import render_markdown
 
     timing: dict[str, float] = {}
     t_start = time.time()
     report: Any = None
-    for step in pipeline_steps(cfg):
-        if step.stage == "evaluate":
-            timing["before_evaluate_s"] = round(time.time() - t_start, 1)
-        t0 = time.time()
-        print(f"== {step.label}", flush=True)
-        report = run_step(step, cfg, out, timing=timing, force=force_prepare, allow_missing=allow_missing,
-                          config_path=config_path)
-        if step.stage != "evaluate":
-            timing[f"{step.label}_s"] = round(time.time() - t0, 1)
-        print(f"   {step.label}: {report if step.stage != 'evaluate' else 'done'} ({time.time() - t0:.1f}s)", flush=True)
+    pool: list | None = None
+    try:
+        for step in pipeline_steps(cfg):
+            if step.stage == "evaluate":
+                timing["before_evaluate_s"] = round(time.time() - t_start, 1)
+            t0 = time.time()
+            print(f"== {step.label}", flush=True)
+            if step.uses_models and pool is None and not _deepspeed_bank(step, cfg):
+                _preflight(step, cfg, RunLayout(out))
+                pool = _start_pool(cfg, out, timing)
+            report = run_step(step, cfg, out, workers=pool, timing=timing, force=force_prepare,
+                              allow_missing=allow_missing, config_path=config_path)
+            if step.stage != "evaluate":
+                timing[f"{step.label}_s"] = round(time.time() - t0, 1)
+            print(f"   {step.label}: {report if step.stage != 'evaluate' else 'done'} ({time.time() - t0:.1f}s)",
+                  flush=True)
+    finally:
+        stop_workers(pool)
     print("\n" + render_markdown(report), flush=True)
+    run = RunLayout(out)
+    print(f"Files: {run.report_md} (this table), {run.report_json} (with every interval and comparison), "
+          f"{run.root / CHART_NAME} (the chart); adapters in {run.root / 'adapters'}/, bank in {run.bank}/; "
+          f"total {time.time() - t_start:.0f}s", flush=True)
     return report
+
+
+def _deepspeed_bank(step: Step, cfg: Config) -> bool:
+    return step.stage == "bank" and cfg.bank.engine == "deepspeed"
+
+
+def _start_pool(cfg: Config, out: Path, timing: dict[str, float]) -> list:
+    """Start Ray (or join it) and the model workers, and wait until each has loaded the base model."""
+    import ray
+
+    from mta_ray.engine.raysetup import init_ray
+    from mta_ray.engine.workers import start_workers
+
+    t0 = time.time()
+    init_ray(cfg)
+    pool = start_workers(cfg, RunLayout(out).bank)
+    ray.get([w.node.remote() for w in pool])
+    timing["workers_start_s"] = round(time.time() - t0, 1)
+    print(f"   {len(pool)} model worker(s) ready, kept for every model stage ({timing['workers_start_s']}s)",
+          flush=True)
+    return pool

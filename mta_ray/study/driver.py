@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from mta_ray.config import Config, to_dict, with_values
-from mta_ray.core.methods import BASELINES, MERGING, PROPOSED, method
+from mta_ray.core.methods import AROUND_MTA, BASELINES, MERGING, PROPOSED, method
 from mta_ray.core.profiles import profile
 from mta_ray.core.tasks import get_task
 from mta_ray.errors import InputError
@@ -445,7 +445,7 @@ def run_tests(study: Study, chosen: dict, ao: dict) -> dict[str, list[Run]]:
     return tests
 
 
-BANK_SIZE_METHODS = ("merged_only", PROPOSED, "adapt_only")
+BANK_SIZE_METHODS = AROUND_MTA
 """What the bank-size curve runs: the merge alone, MTA, and the stacked adapter without the merge."""
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mta_ray.config import Config
-from mta_ray.core.methods import method
+from mta_ray.core.methods import ABLATIONS, AROUND_MTA, PER_USER_BASELINES, method
 from mta_ray.core.metrics import primary_metric
 from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, PAPER, PROFILES, bf16_twin
 from mta_ray.core.tasks import get_task
@@ -31,7 +31,7 @@ from mta_ray.files.atomic import atomic_write_text
 from mta_ray.study.report import Results
 
 PROFILES_FILE = "profiles.json"
-REFERENCES = ("oppu", "adapt_only")
+REFERENCES = PER_USER_BASELINES
 """Baselines each profile is compared with, besides the paper recipe."""
 
 
@@ -106,7 +106,7 @@ def bank_size_row(cfg: Config, folder: Path, folds: int, runs: dict[str, dict]) 
     row = {"folds": folds, "bank_users": float(np.mean(sizes)), "bank_users_per_fold": sizes,
            "n_queries": res.n_queries,
            "methods": {m: {k: res.summary(r)[k] for k in ("metrics", "ci95")} for m, r in runs.items()}}
-    for other in ("adapt_only", "merged_only"):
+    for other in reversed(ABLATIONS):
         if "mta" in runs and other in runs:
             row[f"mta_vs_{other}"] = _test(res.paired(runs["mta"], runs[other]))
     return row
@@ -173,7 +173,7 @@ def render(result: dict, plots: list[str]) -> str:
         for r in result["bank_size"]:
             ms = r["methods"]
             cells = [f"{ms[m]['metrics'][metric]:.4f} [{ms[m]['ci95'][metric][0]:.3f}, {ms[m]['ci95'][metric][1]:.3f}]"
-                     if m in ms else "" for m in ("merged_only", "mta", "adapt_only")]
+                     if m in ms else "" for m in AROUND_MTA]
             gaps = [f"{r[k]['advantage']:+.4f} {_ci(r[k]['ci95'])}" if k in r else ""
                     for k in ("mta_vs_adapt_only", "mta_vs_merged_only")]
             lines.append(f"| {r['folds']} | {r['bank_users']:.0f} | " + " | ".join(cells + gaps) + " |")
