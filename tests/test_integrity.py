@@ -371,13 +371,14 @@ def test_model_checked_in_the_driver_before_any_worker(tmp_path, tiny_model_dir,
              (f"model.base={tiny_model_dir}", "bank.target_modules", "['nonexistent'] name no linear layer"),
              (f"model.base={tiny_model_dir}", "bank.target_modules", "['qproj'] name no linear layer")]
     targets = [None, None, None, None, None, "bank.target_modules=[nonexistent]", "bank.target_modules=[q_proj, qproj]"]
+    import ray
+    ray.shutdown()  # an earlier test's Ray in this process would hide one started here
     for (override, where, message), extra in zip(cases, targets):
         out = tmp_path / "run"
         code, err = cli(capsys, "bank", DEMO, override, *([extra] if extra else []), "--out", out)
         assert code == 2, err
         one_error_line(err, where, message)
         assert not out.exists()   # refused before any work (and before Ray started)
-    import ray
     assert not ray.is_initialized()
 
 

@@ -196,7 +196,7 @@ def test_killed_bank_actor_is_restarted_and_every_anchor_trained(run_dir, tiny_m
     out = tmp_path / "run"
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("adapters", "bank"))
     cmd = [sys.executable, "-m", "mta_ray.cli", "bank", DEMO, "--out", str(out),
-           f"model.base={tiny_model_dir}", *SMALL, "bank.epochs=100"]
+           f"model.base={tiny_model_dir}", *SMALL, "bank.epochs=400"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     killed, seen = None, None
