@@ -1,4 +1,4 @@
-"""Shared fixtures: the real LaMP-2 file from ../shared (skipped when absent), temp outputs."""
+"""Shared fixtures: the real LaMP-2 file from ../shared (skipped when absent), a tiny model, a demo run per module."""
 
 from __future__ import annotations
 
@@ -50,3 +50,16 @@ def tiny_model_dir(tmp_path_factory, model_cache):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory, request):
+    """One demo run on the tiny model for a test module, sized by that module's ``SMALL`` overrides."""
+    from mta_ray.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    demo = str(ROOT / "configs" / "demo.yaml")
+    assert main(["run", demo, "--out", str(out), f"model.base={tiny_model_dir}", *request.module.SMALL]) == 0
+    yield out
+    import ray
+    ray.shutdown()

@@ -25,15 +25,6 @@ SMALL = ["data.synthetic.num_users=8", "data.synthetic.active_items=10", "data.s
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(["run", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
-    yield out
-    import ray
-    ray.shutdown()
-
-
 def _copy(run_dir: Path, tmp_path: Path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
