@@ -25,15 +25,6 @@ SMALL = ["data.synthetic.num_users=8", "data.synthetic.active_items=10", "data.s
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(["run", DEMO, "--out", str(out), f"model.base={tiny_model_dir}", *SMALL]) == 0
-    yield out
-    import ray
-    ray.shutdown()
-
-
 def test_run_produces_a_report_with_every_method(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["task"] == "lamp2"
@@ -101,7 +92,7 @@ def test_rerun_skips_finished_work(run_dir, tiny_model_dir, capsys):
     assert "'skipped': True" in capsys.readouterr().out
 
 
-def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir, tmp_path):
+def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -128,6 +119,7 @@ def test_export_loads_in_peft_and_reproduces_our_outputs(run_dir, tiny_model_dir
                                   AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits, atol=1e-4)
     assert main(["export", DEMO, "--run", str(run_dir), "--out", str(tmp_path / "all"),   # every user, defaults
                  f"model.base={tiny_model_dir}", *SMALL]) == 0
+    assert "export: 8/8 users (100%)" in capsys.readouterr().out   # counts the store's rows, not its loss files
     folders = [p for p in (tmp_path / "all").iterdir() if p.is_dir()]
     assert len(folders) == 8 and all(served_problems(p, 16) == [] for p in folders)
 

@@ -128,6 +128,10 @@ class AdapterStore:
             raise InputError(str(self.path / "layout.json"), "missing: the store is damaged")
         return unflatten(vec, self._layout)
 
+    def count_rows(self) -> int:
+        """Committed rows (one per attempt), from the index files' footers alone."""
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in self.path.glob("index-*.parquet"))
+
     def iter_rows(self, batch_rows: int = 1024) -> Iterator[dict]:
         """Committed rows, one shard's index at a time, ``batch_rows`` in memory (never the whole index)."""
         for f in sorted(self.path.glob("index-*.parquet")):

@@ -41,13 +41,13 @@ from mta_ray.config import Config, ModelConfig, load_config, section_hash
 from mta_ray.core.lora import Lora, merge
 from mta_ray.core.lowrank import combine, fit_rank
 from mta_ray.core.methods import PROPOSED
+from mta_ray.core.progress import Progress
 from mta_ray.engine.serving import PromptRecipe
 from mta_ray.errors import InputError
 from mta_ray.files.atomic import atomic_dir, atomic_path, atomic_write_text
 from mta_ray.files.layout import RunLayout, anchor_paths
 from mta_ray.files.peft_format import load_peft, save_peft
 from mta_ray.files.store import AdapterStore
-from mta_ray.files.tables import count_rows
 
 INDEX_FILE = "index.parquet"
 SETTINGS_FILE = "export.json"
@@ -208,28 +208,14 @@ def _selected(store: AdapterStore, users: list[str] | None) -> Iterator[dict]:
     return iter([rows[u] for u in dict.fromkeys(users)])
 
 
-class _Progress:
-    def __init__(self, total: int, every_s: float = 5.0):
-        self.total, self.every_s, self.done, self.t0, self.last = total, every_s, 0, time.time(), 0.0
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.time()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            print(f"export: {self.done}/{self.total} users, {rate:.1f} users/s, "
-                  f"ETA {max(self.total - self.done, 0) / max(rate, 1e-9):.0f}s", flush=True)
-
-
 def _entries(cfg: Config, person: Personaliser, rows: Iterator[dict], total: int, out: Path, base_name: str,
              counts: dict[str, int]) -> Iterator[dict]:
     """Index rows of the chosen users, exporting those whose folder is not there yet."""
-    progress = _Progress(total)
+    progress = Progress("export", "users", total, every_s=5.0)
     for row in rows:
         if row["status"] != "ok":
             counts["failed"] += 1
-            progress.step()
+            progress.add(1)
             continue
         info = out / user_folder(row["user_id"]) / INFO_FILE
         entry = json.loads(info.read_text()) if info.is_file() else {}
@@ -239,7 +225,7 @@ def _entries(cfg: Config, person: Personaliser, rows: Iterator[dict], total: int
         else:
             counts["exported"] += 1
             entry = export_user(person(row), row, out, cfg, base_name)
-        progress.step()
+        progress.add(1)
         yield entry
 
 
@@ -259,7 +245,7 @@ def run_export(cfg: Config, run: Path, out: Path, users: list[str] | None = None
     base_name = served_base(cfg.export.base_name, resolved.model)
     person = Personaliser(resolved, run)
     chosen = _selected(person.store, users)
-    total = len(set(users)) if users is not None else count_rows(person.store.path)
+    total = len(set(users)) if users is not None else person.store.count_rows()
     out.mkdir(parents=True, exist_ok=True)
     _check_settings(out, {"run": str(Path(run).resolve()), "run_settings": section_hash(resolved, "bank", "merge",
                           "adapt"), "max_rank": cfg.export.max_rank, "dtype": cfg.export.dtype, "base_name": base_name})
