@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mta_ray"
-RANK = {"core": 0, "config": 1, "errors": 1, "files": 2, "engine": 3, "stages": 4, "bench": 5, "study": 5,
+RANK = {"core": 0, "config": 1, "config_ranges": 1, "errors": 1, "files": 2, "engine": 3, "stages": 4, "bench": 5, "study": 5,
         "cli": 6, "": 6}
 RAY_LAYERS = {"engine", "stages", "bench", "study"}
 CORE_FORBIDDEN = ("ray", "safetensors", "pyarrow", "shutil", "tempfile", "sentence_transformers", "transformers")
