@@ -149,6 +149,8 @@ def replot(cfg: Config, out: Path, labels: dict[str, Any]) -> list[dict[str, Any
 
 def _one_length(bench: _Bench, cfg: Config, tokens: int, device: str, out: Path,
                 labels: dict[str, Any]) -> dict[str, Any]:
+    """Every system at one prompt length; the result JSON and plots are rewritten after each system, so a
+    machine taken back mid-run leaves a usable result of what it measured (and the cache to resume)."""
     cfg = with_values(cfg, {"bench.prompt_tokens": tokens})
     bench.cfg, b = cfg, cfg.bench
     print(f"bench scalability: {device}, model {b.shape}, {b.history_items} items x {tokens} tokens, "
@@ -159,6 +161,7 @@ def _one_length(bench: _Bench, cfg: Config, tokens: int, device: str, out: Path,
         _warm_up(bench)
     bank = cache.get("bank", lambda: measure_bank(bench))
     systems: dict[str, dict] = {}
+    result: dict[str, Any] = {}
     for s in b.systems:
         twin = bf16_twin(s) if s not in (PEFT, MULTISLOT) else s
         if twin not in (s, None) and cache.has(twin):  # trains exactly like its twin: only storage differs
@@ -166,24 +169,31 @@ def _one_length(bench: _Bench, cfg: Config, tokens: int, device: str, out: Path,
                                                                **_storage(bench, s)})
         else:
             systems[s] = cache.get(s, lambda s=s: measure_system(bench, s))
-    curve = build_curve(cfg, bank, systems)
+        result = _write_result(cfg, tokens, device, bank, systems, labels, out / stem)
+    print(f"  -> {out / stem}.json/.png/-pareto.png", flush=True)
+    return result
+
+
+def _write_result(cfg: Config, tokens: int, device: str, bank: dict[str, Any], systems: dict[str, dict],
+                  labels: dict[str, Any], stem: Path) -> dict[str, Any]:
+    """The result of the systems measured so far: JSON, Figure-2 plot and Pareto plot at ``stem``."""
+    b = cfg.bench
     result = {
         "benchmark": "scalability", "device": device, "gpus": 1, "torch": torch.__version__, "model": b.shape,
         "settings": {"history_items": b.history_items, "prompt_tokens": tokens, "target_tokens": b.target_tokens,
                      "variant": b.variants[0], "anchors_per_user": b.anchors, "merge_space": cfg.merge.space,
                      "bank_users": b.bank_users, "bank": asdict(cfg.bank), "adapt": asdict(cfg.adapt),
                      "oppu": asdict(cfg.oppu), "storage_dtype": "bfloat16"},
-        "bank": bank, "systems": systems, "curve": curve,
+        "bank": bank, "systems": systems, "curve": build_curve(cfg, bank, systems),
         "pareto": pareto(cfg, bank, systems, labels),
         "note": "per system, the row at its measured users is measured whole (bank included for MTA systems); "
                 "other rows (measured=false) are bank_s_per_item x bank items(N) + N x s_per_user. Storage: "
                 "adapter shapes in bf16 + K anchor ids and weights per MTA user + the bank once.",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
-    plot_scalability(result, out / f"{stem}.png")
-    plot_pareto(result, out / f"{stem}-pareto.png")
-    print(f"  -> {out / stem}.json/.png/-pareto.png", flush=True)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stem.with_name(stem.name + ".json"), json.dumps(result, indent=1) + "\n")
+    plot_scalability(result, stem.with_name(stem.name + ".png"))
+    plot_pareto(result, stem.with_name(stem.name + "-pareto.png"))
     return result
 
 
