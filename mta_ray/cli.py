@@ -119,7 +119,8 @@ def _export_users(items: list[str]) -> list[str] | None:
 BENCHMARKS = {
     "throughput": "multi-slot trainer vs one user at a time (GPU speed of per-user training)",
     "scalability": "MTA vs OPPU time, GPU-hours and storage for N users",
-    "pipeline": "every stage's time and peak GPU memory, then personalize on 1..G GPUs",
+    "pipeline": "every stage's time and peak GPU memory, then personalize (or --part bank-scaling: the bank) "
+                "on 1..G GPUs",
     "memory": "each stage's peak driver memory for N and 10N users",
     "evaluate": "time and peak memory of the report's statistics for N queries x M methods (CPU)",
 }
@@ -204,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "bench":
             p.add_argument("--profile", action="store_true",
                            help="throughput: also profile the best variant (writes profile.txt)")
-            p.add_argument("--part", choices=["all", "stages", "scaling"], default="all",
-                           help="pipeline: stages (time, peak GPU memory), scaling (1..G GPUs) or all")
+            p.add_argument("--part", choices=["all", "stages", "scaling", "bank-scaling"], default="all",
+                           help="pipeline: stages (time, peak GPU memory), scaling (personalize on 1..G GPUs), "
+                                "all (both), or bank-scaling (the bank on 1..G GPUs)")
             p.add_argument("--work", type=Path, default=None,
                            help="pipeline: work folder to use and keep (default: a temporary one, removed)")
         if name == "evaluate":
