@@ -367,7 +367,7 @@ def test_model_checked_in_the_driver_before_any_worker(tmp_path, tiny_model_dir,
              (f"model.base={text}", "model.base", "not a .gguf model"),
              (f"model.base={fake_gguf}", "model.base", "not a GGUF file"),
              (f"model.base={empty}", "model.base", "no config.json"),
-             ("model.base=random:llama3-70b", "model.base", "unknown shape"),
+             ("model.base=random:llama3-405b", "model.base", "unknown shape"),
              (f"model.base={tiny_model_dir}", "bank.target_modules", "['nonexistent'] name no linear layer"),
              (f"model.base={tiny_model_dir}", "bank.target_modules", "['qproj'] name no linear layer")]
     targets = [None, None, None, None, None, "bank.target_modules=[nonexistent]", "bank.target_modules=[q_proj, qproj]"]
