@@ -166,16 +166,23 @@ def measure_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list
         result, timed = time_on_pool(
             cfg_n, run.bank, mem, lambda w: w.train.remote("mta", warm_call, cfg_n, str(run.bank)),
             lambda pool: run_personalize(cfg_n, work, "mta", workers=pool, label=label))
-        seconds = timed.pop("seconds")
-        rate = result["trained"] / seconds
-        rows.append({"gpus": n, "workers": timed.pop("workers"), "users": result["trained"],
-                     "failed": result.get("failed", 0), "seconds": round(seconds, 1), "users_per_s": round(rate, 3),
-                     "driver_storing_s": result.get("storing_s"), **timed, "warm_up_users": len(warm_call)})
-        rows[-1]["speedup"] = round(rate / rows[0]["users_per_s"], 2)
-        record(rows)
-        print(f"bench pipeline: personalize on {n} GPU(s): {rate:.3f} users/s "
-              f"({result['trained']} users in {seconds:.1f}s), speed-up {rows[-1]['speedup']}x", flush=True)
+        _add_row(rows, record, "personalize", "users", 3, n, result, timed,
+                 driver_storing_s=result.get("storing_s"), warm_up_users=len(warm_call))
     return rows
+
+
+def _add_row(rows: list[dict[str, Any]], record, stage: str, unit: str, digits: int, n: int, result: dict,
+             timed: dict[str, Any], **extra: Any) -> None:
+    """One GPU count's row (``unit`` trained per second, speed-up over the first row), recorded and printed."""
+    seconds = timed.pop("seconds")
+    rate = result["trained"] / seconds
+    rows.append({"gpus": n, "workers": timed.pop("workers"), unit: result["trained"],
+                 "failed": result.get("failed", 0), "seconds": round(seconds, 1),
+                 f"{unit}_per_s": round(rate, digits), **timed, **extra})
+    rows[-1]["speedup"] = round(rate / rows[0][f"{unit}_per_s"], 2)
+    record(rows)
+    print(f"bench pipeline: {stage} on {n} GPU(s): {rate:.{digits}f} {unit}/s "
+          f"({result['trained']} {unit} in {seconds:.1f}s), speed-up {rows[-1]['speedup']}x", flush=True)
 
 
 def measure_bank_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts: list[int],
@@ -214,15 +221,7 @@ def measure_bank_scaling(cfg: Config, work: Path, mem: GpuMemorySampler, counts:
         result, timed = time_on_pool(
             cfg_n, None, mem, lambda w: w.train.remote(ANCHOR, warm_call, cfg_n, negatives=negatives),
             lambda pool: run_bank(cfg_n, work, workers=pool, bank_dir=bank_dir))
-        seconds = timed.pop("seconds")
-        rate = result["trained"] / seconds
-        rows.append({"gpus": n, "workers": timed.pop("workers"), "anchors": result["trained"],
-                     "failed": result.get("failed", 0), "seconds": round(seconds, 1),
-                     "anchors_per_s": round(rate, 4), **timed, "warm_up_anchors": len(warm_call)})
-        rows[-1]["speedup"] = round(rate / rows[0]["anchors_per_s"], 2)
-        record(rows)
-        print(f"bench pipeline: bank on {n} GPU(s): {rate:.4f} anchors/s "
-              f"({result['trained']} anchors in {seconds:.1f}s), speed-up {rows[-1]['speedup']}x", flush=True)
+        _add_row(rows, record, "bank", "anchors", 4, n, result, timed, warm_up_anchors=len(warm_call))
     return rows
 
 
@@ -314,7 +313,7 @@ def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: 
     result: dict[str, Any] = {
         "benchmark": "pipeline", "part": part, "device": names[0] if names else "cpu", "gpus": names,
         "model": cfg.model.base, "budget_gib": budget, "config": to_dict(cfg),
-        "note": NOTES[part] if part == "bank-scaling" else f"{NOTES['stages']}; {NOTES['scaling']}",
+        "note": "; ".join(NOTES[p] for p in PARTS[part]),
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     record = _Recorder(path, result, bool(names))
@@ -323,11 +322,11 @@ def run_pipeline_bench(cfg: Config, results_dir: Path, part: str = "all", work: 
         with GpuMemorySampler(activity=read_activity) as mem:
             if "stages" in PARTS[part]:
                 measure_stages(cfg, work, mem, record("stages"))
-            if "scaling" in PARTS[part]:
+            if {"scaling", "bank-scaling"} & set(PARTS[part]):
                 result["scaling_not_run"] = not_run
+            if "scaling" in PARTS[part]:
                 measure_scaling(cfg, work, mem, counts, record("scaling"))
             if "bank-scaling" in PARTS[part]:
-                result["scaling_not_run"] = not_run
                 measure_bank_scaling(cfg, work, mem, counts, record("bank_scaling"))
     finally:
         if temporary:
