@@ -193,9 +193,9 @@ class AdaptConfig(LoraTrainConfig):
     shard_users: int = 256
     """Users per shard of the adapter store."""
     storage_precision: Literal["bfloat16", "int8"] = "bfloat16"
-    """Precision of stored stacked adapters. The store writes bf16; ``int8`` (one scale per rank component,
-    :mod:`mta_ray.core.quant`) is for measuring it: the study rounds the trained adapters through int8
-    before evaluating, and ``bench scalability`` counts int8 bytes. The store does not write int8 yet."""
+    """Precision the adapter store writes stacked adapters in: ``int8`` (one bf16 scale per rank component,
+    :mod:`mta_ray.core.quant`) takes half the bytes of bf16; readers get the dequantised adapter back.
+    OPPU's and the bank's adapters stay bf16."""
 
 
 @dataclass

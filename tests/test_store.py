@@ -69,3 +69,51 @@ def test_layout_mismatch_is_refused(tmp_path):
     other = {"x": LoraPair(torch.zeros(2, 2), torch.zeros(2, 2))}
     with pytest.raises(ValueError, match="layout"):
         store.add("b", other, [], [], 1, 0.1)
+
+
+def test_int8_store_writes_int8_and_reads_back_what_int8_storage_returns(tmp_path):
+    """``adapt.storage_precision: int8``: the shard holds int8 values plus one bf16 scale per rank component
+    (the bytes the cost tables count), and every reader gets exactly :func:`quant.roundtrip`'s adapter."""
+    from safetensors import safe_open
+
+    from mta_ray.core.quant import roundtrip, stored_bytes
+    from mta_ray.files.precision import adapter_size
+
+    store = AdapterStore(tmp_path / "s", shard_users=2, precision="int8")
+    for i in range(3):
+        store.add(f"u{i}", _lora(i) if i != 1 else pack(_lora(i), "int8"), ["a0"], [1.0], steps=1, final_loss=0.1)
+    store.flush()
+    again = AdapterStore(tmp_path / "s")
+    rows = again.rows_by_user()
+    for i in range(3):
+        got, want = again.load(rows[f"u{i}"]), roundtrip(_lora(i), "int8")
+        for name in want:
+            assert torch.equal(got[name].A, want[name].A) and torch.equal(got[name].B, want[name].B)
+    params, components = 4 * 8 + 6 * 4 + 4 * 8 + 3 * 4, 4 + 4
+    assert adapter_size(tmp_path / "s") == {"params": params, "components": components, "precision": "int8",
+                                            "bytes": stored_bytes(params, components, "int8")}
+    r = rows["u2"]
+    with safe_open(str(tmp_path / "s" / r["shard"]), framework="pt") as f:
+        values, scales = f.get_tensor(r["key"]), f.get_tensor(r["key"] + ".scale")
+    assert values.dtype == torch.int8 and scales.dtype == torch.bfloat16 and r["numel"] == params
+    assert values.numel() + 2 * scales.numel() == stored_bytes(params, components, "int8")   # half of bf16's
+    with pytest.raises(ValueError, match="bfloat16"):   # one precision per store
+        again.add("v", pack(_lora(5)), [], [], steps=1, final_loss=0.1)
+
+
+def test_a_damaged_int8_scale_is_caught_by_the_checksum(tmp_path):
+    from mta_ray.errors import InputError
+
+    store = AdapterStore(tmp_path, precision="int8")
+    store.add("u", _lora(0), [], [], steps=1, final_loss=0.1)
+    store.flush()
+    row = AdapterStore(tmp_path).rows_by_user()["u"]
+    from mta_ray.files.store import _data_offsets
+
+    shard = tmp_path / row["shard"]
+    start, _ = _data_offsets(shard)[row["key"] + ".scale"]
+    data = bytearray(shard.read_bytes())
+    data[start + 1] ^= 0x40   # one scale's high byte: the values are intact
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="checksum mismatch for user 'u'"):
+        AdapterStore(tmp_path).load(row)

@@ -5,8 +5,9 @@ of ``B`` form rank component ``i``; each gets its own absmax scale, so the r x (
 carry 2r scales (kept in bf16). A per-tensor scale would let one large component flatten the others;
 a per-output-row scale of ``B`` would cost ``out`` scales, as many as ``B``'s values at rank 1.
 
-The study measures what int8 storage changes in the outputs (``adapt.storage_precision: int8`` rounds
-the trained adapters through it before evaluation); :func:`stored_bytes` is what it would store.
+``adapt.storage_precision: int8`` makes the adapter store write this (:mod:`mta_ray.files.store`), and
+every reader gets the dequantised adapter back; :func:`stored_bytes` is what it writes per user, and the
+study measures what it changes in the outputs against the bf16 twin.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mta_ray.core.lora import Lora, LoraPair
 
 SCALE_BYTES = 2
 """Scales are kept in bf16."""
+PRECISIONS = ("bfloat16", "int8")
 
 
 def quantize_int8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +37,8 @@ def roundtrip(lora: Lora, precision: str) -> Lora:
     """``lora`` as it reads back after storage in ``precision`` (``bfloat16``: the store's own format)."""
     if precision == "bfloat16":
         return {n: LoraPair(p.A.to(torch.bfloat16).float(), p.B.to(torch.bfloat16).float()) for n, p in lora.items()}
-    if precision != "int8":
-        raise ValueError(f"unknown storage precision {precision!r}; known: bfloat16, int8")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown storage precision {precision!r}; known: {', '.join(PRECISIONS)}")
     out = {}
     for name, p in lora.items():
         A = dequantize_int8(*quantize_int8(p.A, dim=0))   # A: (r, in), one scale per row

@@ -43,6 +43,11 @@ def train_config(cfg: Config, kind: str) -> LoraTrainConfig:
     return cfg.bank if kind == ANCHOR else getattr(cfg, method(kind).recipe)
 
 
+def storage_precision(cfg: Config, kind: str) -> str:
+    """How ``kind``'s adapters are stored: the stacked adapter at ``adapt.storage_precision``, others bf16."""
+    return cfg.adapt.storage_precision if kind != ANCHOR and method(kind).recipe == "adapt" else "bfloat16"
+
+
 def merged_rank(cfg: Config) -> int:
     """Rank of a user's merged LoRA: K anchors side by side in delta space, one anchor's rank in params."""
     return cfg.bank.rank * (cfg.merge.top_k if cfg.merge.space == "delta" else 1)
@@ -142,7 +147,7 @@ class ModelWorker:
 
         ``cfg`` overrides the training settings of this call (the base model stays the one loaded);
         ``bank_dir`` picks the bank the anchors come from (default: the worker's); ``packed``: return
-        each adapter as the store keeps it (``store.Packed``, bf16) rather than as a Lora;
+        each adapter as the store keeps it (``store.Packed``, at :func:`storage_precision`) rather than as a Lora;
         ``negatives``: (user_id, item input) pool of tasks whose questions need other users' items
         (LaMP-1; ``files.tables.negative_pool``): each user draws from the other users' items.
         """
@@ -164,7 +169,8 @@ class ModelWorker:
         queued = time.time()
         key = repr((tcfg, R, merged_targets, slots, max_rows, cfg.seed))
         results = self._trainer.train(key, jobs, build)
-        out = [{"user_id": r.user_id, "lora": pack(r.lora) if packed and r.lora is not None else r.lora,
+        precision = storage_precision(cfg, kind)
+        out = [{"user_id": r.user_id, "lora": pack(r.lora, precision) if packed and r.lora is not None else r.lora,
                 "steps": r.steps, "final_loss": r.final_loss, "losses": list(r.step_losses), "status": r.status,
                 "error": r.error}
                for r in results]

@@ -51,6 +51,7 @@ from mta_ray.core.tasks import get_task
 from mta_ray.errors import InputError
 from mta_ray.files.atomic import atomic_write_text
 from mta_ray.files.layout import RunLayout, save_resolved
+from mta_ray.files.precision import adapter_size
 from mta_ray.files.sources import read_users
 from mta_ray.files.tables import load_users, write_users
 from mta_ray.study.report import canonical, ranking, run_metrics
@@ -274,7 +275,7 @@ class Study:
                 shutil.rmtree(store, ignore_errors=True)  # a half-finished earlier attempt
                 run_personalize(cfg, d, run.method, workers, label=label, bank_dir=bank)
                 bytes_per_user.append(sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) / len(users))
-                size = _stored_size(cfg, run.method, store)
+                size = adapter_size(store)  # at the store's precision (int8 profiles write int8)
             t2 = time.time()
             reqs, texts = predict(cfg, d, run.method, users, plan, workers, label=label, bank_dir=bank)
             eval_s += time.time() - t2
@@ -296,17 +297,6 @@ class Study:
         print(f"study: {run.setting} {run.name}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items())
               + f" ({result['seconds']}s)", flush=True)
         return result
-
-
-def _stored_size(cfg: Config, method_name: str, store: Path) -> dict:
-    """A trained store's adapter size per user at the recipe's storage precision; an ``int8`` stacked adapter
-    is rounded through int8 here, before evaluation (the store itself keeps bf16)."""
-    from mta_ray.files.precision import adapter_size, roundtrip_store
-
-    precision = cfg.adapt.storage_precision if method(method_name).recipe == "adapt" else "bfloat16"
-    if precision != "bfloat16":
-        roundtrip_store(store, precision)
-    return {**adapter_size(store, precision), "precision": precision} if (store / "layout.json").is_file() else {}
 
 
 # --------------------------------------------------------------------------- the procedure
@@ -361,8 +351,10 @@ def _first(default: Any, values: list) -> list:
 
 
 def profile_keys(protocol: str, chosen: dict, ao: dict, cfg: Config) -> dict[str, str]:
-    """Run keys of the paper recipe, each profile of ``study.profiles``, OPPU and adapt-only (the report's rows)."""
-    keys = {name: profile_run(protocol, name, chosen, cfg).key for name in dict.fromkeys(("mta", *cfg.study.profiles))}
+    """Run keys of the paper recipe, each profile of ``study.profiles``, OPPU and adapt-only (the report's rows);
+    the training-free profile always, as it is the merged-only baseline every study runs."""
+    names = dict.fromkeys(("mta", *cfg.study.profiles, "mta-merged-only"))
+    keys = {name: profile_run(protocol, name, chosen, cfg).key for name in names}
     keys["oppu"] = make_run(protocol, "oppu", chosen).key
     keys["adapt_only"] = make_run(protocol, "adapt_only", ao).key
     return keys
