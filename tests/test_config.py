@@ -26,8 +26,16 @@ def test_every_yaml_in_configs_loads(path):
 @pytest.mark.parametrize("task,epochs,lr", [("lamp1", 2, 5e-5), ("lamp2", 3, 1e-4), ("lamp3", 1, 5e-5),
                                              ("lamp4", 3, 1e-4), ("lamp5", 2, 5e-5)])
 def test_lamp_configs_carry_paper_table4(task, epochs, lr):
+    """Paper Table 4, except LaMP-2's stacked adapter: the lean profile its cost/quality study chose."""
+    from mta_ray.config import with_values
+    from mta_ray.core.profiles import profile
+
     cfg = load_config(ROOT / "configs" / "lamp" / f"{task}.yaml")
     a = cfg.adapt
+    if task == "lamp2":
+        lean = profile("mta-qv-r2-e1-int8").values
+        assert with_values(cfg, lean) == cfg                       # the config is that profile
+        a = with_values(cfg, {"adapt.rank": 4, "adapt.epochs": epochs}).adapt   # the rest is Table 4
     assert (cfg.data.task, a.rank, a.epochs, a.lr, a.batch_size, a.grad_accum) == (task, 4, epochs, lr, 2, 4)
     assert cfg.eval.max_new_tokens == {"lamp3": 3, "lamp1": 10, "lamp2": 10}.get(task, 50)
 

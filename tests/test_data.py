@@ -105,7 +105,7 @@ def test_unknown_task_and_missing_files(tmp_path, capsys):
     path = _processed(tmp_path, [GOOD])
     assert prepare(LAMP2_CFG, "data.format=processed", f"data.path={path}", "data.task=lamp9",
                    "--out", tmp_path / "o") == 2
-    assert "data.task must be one of ['lamp1', 'lamp2', 'lamp3', 'lamp4', 'lamp5'], got 'lamp9'" in capsys.readouterr().err
+    assert "data.task must be one of ['lamp1', 'lamp2', 'lamp2-synthetic', 'lamp3', 'lamp4', 'lamp5'], got 'lamp9'" in capsys.readouterr().err
     assert prepare(LAMP2_CFG, "data.format=processed", f"data.path={tmp_path / 'nope.json'}",
                    "--out", tmp_path / "o") == 2
     assert "nope.json: file not found" in capsys.readouterr().err

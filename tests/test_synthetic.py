@@ -109,3 +109,22 @@ def test_generation_task_titles_follow_persona_styles():
 def test_other_tasks_are_refused():
     with pytest.raises(ValueError, match="lamp3"):
         generate_users(SyntheticConfig(), get_task("lamp3"))
+
+
+def test_short_tagging_task_asks_the_same_queries_with_its_own_prompt():
+    """``lamp2-synthetic`` (the demo's task): the same users and golds as ``lamp2``, a prompt a third as
+    long that shows the format by an example whose tag is no label, and LaMP-2's prompt left as it was."""
+    cfg = SyntheticConfig(num_users=12, queries_per_user=4)
+    short_task = get_task("lamp2-synthetic")
+    short, lamp2 = list(generate_users(cfg, short_task)), list(generate_users(cfg, TASK))
+    assert [u["history"] for u in short] == [u["history"] for u in lamp2]
+    for us, ul in zip(short, lamp2):
+        for qs, ql in zip(us["queries"], ul["queries"]):
+            x = short_task.query_slots(qs["input"])["x"]
+            assert qs["gold"] == ql["gold"] and x == TASK.query_slots(ql["input"])["x"]
+            prompt = short_task.prompt({"x": x}, [])
+            assert prompt.endswith(f"Movie: {x}\nTag:\n") and len(prompt) < len(TASK.prompt({"x": x}, [])) / 2
+    example = short_task.instruction.split("\n\n")[0]
+    assert "Tag:\nwestern" in example and not any(tag in example.lower() for tag in LAMP2_TAGS)
+    assert "tags: [sci-fi, based on a book" in TASK.prompt({"x": "a film"}, [])
+    assert short_task.labels == TASK.labels

@@ -20,6 +20,14 @@ LAMP2_TAGS = (
     "violence", "true story",
 )
 
+SYNTHETIC_TAG_INSTRUCTION = ("Answer with one tag.\nMovie: A western: a sheriff rides into town.\nTag:\nwestern\n\n"
+                             "Movie: {x}\nTag:\n")
+"""The ``lamp2-synthetic`` prompt: the answer format by one example whose tag is not a label. The tag goes
+on its own line because a training target is tokenised without a leading space
+(:func:`mta_ray.engine.encoding.encode_pair`), which is how the model writes a word after a new line; after
+"Tag: western" it expects " word", and the first target token of the demo's training pairs cost the base
+model 14.0 nats on average instead of 7.7, so few per-user steps could not teach the answer."""
+
 Item = dict  # {"id": str, "input": str, "output": str}
 
 
@@ -150,6 +158,20 @@ TASKS: dict[str, Task] = {
                      "the tag name without further explanation.\ntags: [" + ", ".join(LAMP2_TAGS)
                      + "]\ndescription: {x}\nTag:"),
         history_line=lambda it: f'the tag for the movie: "{it["input"]}" is "{it["output"]}"',
+        query_pattern=r"description:\s*(?P<x>.*)$",
+        max_new_tokens=10, labels=LAMP2_TAGS,
+    ),
+    # The embedded demo's tagging task (mta_ray.files.synthetic), not a LaMP task: LaMP-2's labels and
+    # scoring with a short prompt. LaMP-2's instruction lists all 15 tags (~60 of a prompt's ~94 tokens,
+    # in every training sequence and every query), and without an example SmolLM2-135M answers it by
+    # listing tags, so base and RAG could not answer even the queries whose description names the tag.
+    # One worked example whose tag is no label ("western") states the format instead: base learns
+    # "one bare tag, then a new line" from the prompt and scores on those queries, never by copying
+    # a label from the example. Retrieved items (RAG) are written the same way as the example.
+    "lamp2-synthetic": Task(
+        name="lamp2-synthetic", kind="classification", profile_fields=("description", "tag"),
+        instruction=SYNTHETIC_TAG_INSTRUCTION,
+        history_line=lambda it: f'Movie: {it["input"]}\nTag:\n{it["output"]}',
         query_pattern=r"description:\s*(?P<x>.*)$",
         max_new_tokens=10, labels=LAMP2_TAGS,
     ),

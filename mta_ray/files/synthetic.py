@@ -42,7 +42,8 @@ items too.)
 with the model:
 
 - ``base`` (prompt without history): ``plain`` only, and only if the model answers with a bare tag
-  without an example;
+  (the demo's task, ``lamp2-synthetic``, shows the format by one example whose tag is no label; under
+  LaMP-2's own prompt, which lists all 15 tags, SmolLM2-135M answers by listing tags);
 - ``rag_k1/3/5``: ``plain`` (the retrieved items show the format), ``quirk`` and ``own`` by
   reading retrieved items of the same topic; not ``shared`` (no item of that topic, and the
   obvious guess is wrong by construction);
@@ -57,6 +58,11 @@ MTA by the share the other one reaches. The structure does **not** order merged-
 adapt-only, OPPU and RAG among themselves (each reaches all but one kind): that is decided by how
 well each mechanism works with the model (in-context copying, learning from 4-8 items, a merge of
 two anchors), and the report shows what the runs give, whichever way it goes.
+
+**Prompts.** ``lamp2`` gives the queries LaMP-2's instruction (all 15 tags listed, ~94 tokens a
+prompt); ``lamp2-synthetic`` (``configs/demo.yaml``) the same users, golds and labels with a prompt of
+~52 tokens (``core.tasks.SYNTHETIC_TAG_INSTRUCTION``): every stage's compute is about proportional to
+prompt tokens on a CPU.
 
 Seeded and deterministic: the same config always yields the same users.
 """
@@ -134,6 +140,8 @@ STYLES = [
 
 PERSONA_TOPICS = [("space", "society"), ("crime", "mind"), ("romance", "family"), ("magic", "war")]
 
+TAGGING_TASKS = ("lamp2", "lamp2-synthetic")
+"""Tasks whose answers are tags: LaMP-2's own prompt, or the demo's short one (``core.tasks``)."""
 QUERY_KINDS = ("shared", "quirk", "plain", "own")
 """The order a user's queries cycle through (see the module docstring's table)."""
 HISTORY_CYCLE = ("own", "quirk", "own", "quirk", "plain", "own")
@@ -168,7 +176,7 @@ def _text(topic: str, rng: random.Random) -> tuple[str, str]:
 def _item(task: Task, topic: str, answer: int, rng: random.Random) -> tuple[str, str]:
     """(input, output) for one item in the task's format."""
     desc, subject = _text(topic, rng)
-    if task.name == "lamp2":
+    if task.name in TAGGING_TASKS:
         return desc, ALL_TOPICS[topic]["tags"][answer]
     style = STYLES[answer]
     title = style.format(Subject=subject[0].upper() + subject[1:], subject=subject)
@@ -176,6 +184,8 @@ def _item(task: Task, topic: str, answer: int, rng: random.Random) -> tuple[str,
 
 
 def _query_input(task: Task, text: str) -> str:
+    if task.name == "lamp2-synthetic":  # its prompt is its own (core.tasks); the query only carries the text
+        return f"description: {text}"
     if task.name == "lamp2":
         return task.instruction.split("\ndescription:")[0].replace("\n", " ") + f" description: {text}"
     if task.name == "lamp4":
@@ -185,8 +195,9 @@ def _query_input(task: Task, text: str) -> str:
 
 def generate_users(cfg: SyntheticConfig, task: Task) -> Iterator[dict[str, Any]]:
     """Users in the processed form (user_id, persona, history, queries), generated one at a time."""
-    if task.name not in ("lamp2", "lamp4", "lamp5"):
-        raise ValueError(f"the synthetic benchmark has lamp2 (tagging) and lamp4/lamp5 (titles), not {task.name}")
+    if task.name not in (*TAGGING_TASKS, "lamp4", "lamp5"):
+        raise ValueError(f"the synthetic benchmark has lamp2/lamp2-synthetic (tagging) and lamp4/lamp5 (titles), "
+                         f"not {task.name}")
     return _generate(cfg, task)
 
 
