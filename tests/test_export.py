@@ -192,7 +192,7 @@ def test_every_adapter_config_meets_vllms_constraints(base_dir, tmp_path):
         assert served_problems(folder, 16) == []
         assert served_problems(folder, 8) == ["r=16 is not a served rank <= 8 (" + str(list(SERVED_RANKS)) + ")"]
     recipe = json.loads((out / "prompt_recipe.json").read_text())
-    assert recipe["task"] == "lamp2" and recipe["history_k"] == 0 and recipe["base_name"] == str(base_dir.resolve())
+    assert recipe["task"] == "lamp2-synthetic" and recipe["history_k"] == 0 and recipe["base_name"] == str(base_dir.resolve())
 
 
 def test_served_problems_catch_what_vllm_refuses(base_dir, tmp_path):

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 def test_run_produces_a_report_with_every_method(run_dir):
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["task"] == "lamp2"
+    assert report["task"] == "lamp2-synthetic"
     assert set(report["methods"]) == set(METHODS)
     for name, m in report["methods"].items():
         assert m["n"] == 8 and set(m["metrics"]) == {"accuracy", "f1"}
