@@ -23,16 +23,17 @@ class FirstLineDone(StoppingCriteria):
     def __init__(self, tokenizer: Any, n: int, start: int):
         self.tokenizer, self.start = tokenizer, start
         self.seen = [False] * n
-        self.done = torch.zeros(n, dtype=torch.bool)
+        self.done = [False] * n
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        if input_ids.shape[1] > self.start:  # only the newest token of each row is read
+        if input_ids.shape[1] > self.start:  # only the newest token of each row still writing is read
             for i, tok in enumerate(input_ids[:, -1].tolist()):
+                if self.done[i]:
+                    continue
                 text = self.tokenizer.decode([tok], skip_special_tokens=True)
-                if "\n" in text and (self.seen[i] or text.split("\n")[0].strip()):
-                    self.done[i] = True
+                self.done[i] = "\n" in text and (self.seen[i] or bool(text.split("\n")[0].strip()))
                 self.seen[i] = self.seen[i] or bool(text.strip())
-        return self.done.to(input_ids.device)
+        return torch.tensor(self.done, device=input_ids.device)
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ def train_config(cfg: Config, kind: str) -> LoraTrainConfig:
 
 def storage_precision(cfg: Config, kind: str) -> str:
     """How ``kind``'s adapters are stored: the stacked adapter at ``adapt.storage_precision``, others bf16."""
-    return cfg.adapt.storage_precision if kind != ANCHOR and method(kind).recipe == "adapt" else "bfloat16"
+    return cfg.adapt.storage_precision if train_config(cfg, kind) is cfg.adapt else "bfloat16"
 
 
 def merged_rank(cfg: Config) -> int:

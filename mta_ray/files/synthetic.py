@@ -140,8 +140,8 @@ STYLES = [
 
 PERSONA_TOPICS = [("space", "society"), ("crime", "mind"), ("romance", "family"), ("magic", "war")]
 
-TAGGING_TASKS = ("lamp2", "lamp2-synthetic")
-"""Tasks whose answers are tags: LaMP-2's own prompt, or the demo's short one (``core.tasks``)."""
+SYNTHETIC_TASKS = ("lamp2", "lamp2-synthetic", "lamp4", "lamp5")
+"""Tagging with LaMP-2's prompt or the demo's short one (``core.tasks``), and the two title tasks."""
 QUERY_KINDS = ("shared", "quirk", "plain", "own")
 """The order a user's queries cycle through (see the module docstring's table)."""
 HISTORY_CYCLE = ("own", "quirk", "own", "quirk", "plain", "own")
@@ -176,7 +176,7 @@ def _text(topic: str, rng: random.Random) -> tuple[str, str]:
 def _item(task: Task, topic: str, answer: int, rng: random.Random) -> tuple[str, str]:
     """(input, output) for one item in the task's format."""
     desc, subject = _text(topic, rng)
-    if task.name in TAGGING_TASKS:
+    if task.kind == "classification":  # tags; the title tasks' answers are headline styles
         return desc, ALL_TOPICS[topic]["tags"][answer]
     style = STYLES[answer]
     title = style.format(Subject=subject[0].upper() + subject[1:], subject=subject)
@@ -195,7 +195,7 @@ def _query_input(task: Task, text: str) -> str:
 
 def generate_users(cfg: SyntheticConfig, task: Task) -> Iterator[dict[str, Any]]:
     """Users in the processed form (user_id, persona, history, queries), generated one at a time."""
-    if task.name not in (*TAGGING_TASKS, "lamp4", "lamp5"):
+    if task.name not in SYNTHETIC_TASKS:
         raise ValueError(f"the synthetic benchmark has lamp2/lamp2-synthetic (tagging) and lamp4/lamp5 (titles), "
                          f"not {task.name}")
     return _generate(cfg, task)

@@ -87,13 +87,13 @@ def run_personalize(cfg: Config, out: Path, kind: str = "mta", workers: list | N
     (:func:`queued_users`; its trainer never waits for the driver); the driver holds at most those
     users, never the whole table.
     """
-    from mta_ray.engine.workers import storage_precision, worker_pool
+    from mta_ray.engine.workers import worker_pool
 
     t0 = time.time()
     run = RunLayout(out)
     merges = method(kind).merges
     bank_dir = bank_dir or run.bank
-    store = AdapterStore(run.store(label or kind), cfg.adapt.shard_users, storage_precision(cfg, kind))
+    store = AdapterStore(run.store(label or kind), cfg.adapt.shard_users)  # workers return adapters packed at their precision
     removed = store.repair()
     if removed:
         print(f"personalize[{kind}]: removed what no index refers to from {store.path}: {', '.join(removed)}", flush=True)
