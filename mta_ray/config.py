@@ -263,8 +263,9 @@ class BenchConfig:
     anchors: int = 2
     """Anchors in each user's frozen merged branch (rank ``bank.rank`` each, delta space)."""
     variants: list[str] = field(default_factory=lambda: ["8"])
-    """Multi-slot variants: slot count; suffix ``c`` = gradient checkpointing, ``f`` = fused kernels
-    (e.g. ``8``, ``8f``, ``32cf``)."""
+    """Multi-slot variants: slot count; suffix ``c`` = gradient checkpointing, ``f`` = fused kernels,
+    ``r`` = the reference LoRA path (each linear on its own, factors gathered per row: the engine before
+    shared inputs), e.g. ``8``, ``8f``, ``32cf``, ``16fr``."""
     memory_budget_gib: float = 44.0
     """Peak GPU memory allowed for the single-48-GB-GPU configuration."""
     scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])
@@ -297,8 +298,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for v in self.variants:
-            if not v.rstrip("cf").isdigit() or int(v.rstrip("cf")) < 1:
-                raise ValueError(f"bad variant {v!r}: a slot count, optionally with 'c' and/or 'f' (e.g. 8, 32cf)")
+            if not v.rstrip("cfr").isdigit() or int(v.rstrip("cfr")) < 1:
+                raise ValueError(f"bad variant {v!r}: a slot count, optionally with 'c', 'f' and/or 'r' "
+                                 f"(e.g. 8, 32cf, 16fr)")
         if self.target_tokens >= self.prompt_tokens:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
         if not self.gpu_counts:

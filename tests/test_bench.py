@@ -14,18 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_throughput_debug_size(tmp_path, capsys):
     code = main(["bench", "throughput", str(ROOT / "configs/bench/throughput-8b.yaml"), "--out", str(tmp_path),
                  "bench.shape=tiny", "bench.users=6", "bench.baseline_users=2", "bench.prompt_tokens=24",
-                 "bench.history_items=3", "bench.variants=[2, 3f]"])
+                 "bench.history_items=3", "bench.variants=[2, 3f, 2r]"])
     assert code == 0
     (path,) = tmp_path.glob("throughput-tiny-*.json")
     result = json.loads(path.read_text())
     base = result["baseline_peft_one_at_a_time"]
     assert base["users"] == 2 and base["users_per_hour"] > 0 and len(base["final_losses"]) == 2
     variants = {v["variant"]: v for v in result["multi_slot"]}
-    assert set(variants) == {"2", "3f"}
+    assert set(variants) == {"2", "3f", "2r"}
+    assert variants["2r"]["shared_inputs"] is False and variants["2"]["shared_inputs"] is True
     for v in variants.values():
         assert v["users"] == 6 and v["failed_users"] == 0 and v["tokens_per_s"] > 0   # users >= 2 x slots
-    # the same users train to the same losses with or without fused kernels
+    # the same users train to the same losses with or without fused kernels, on either LoRA path
     assert abs(variants["2"]["mean_final_loss"] - variants["3f"]["mean_final_loss"]) < 1e-3
+    assert abs(variants["2"]["mean_final_loss"] - variants["2r"]["mean_final_loss"]) < 1e-4
     assert result["speedup_users_per_hour"] > 0 and result["settings"]["train"]["rank"] == 4
     assert (tmp_path / "bench-throughput.config.yaml").is_file()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from mta_ray.config import Config, LoraTrainConfig
 from mta_ray.core.lora import Lora, LoraPair, fold_into, merge_delta, merge_params, peft_target_modules, scaled
 from mta_ray.engine.multilora import target_module_names
-from mta_ray.engine.trainer import Example, Job, plan_windows, user_seed
+from mta_ray.engine.trainer import Example, Job, MultiSlotTrainer, plan_windows, user_seed
 
 # Dense bf16 tensor-core peaks (no sparsity), by device-name substring, most specific first.
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
@@ -154,6 +155,26 @@ def lora_params(model: Any, targets: list[str], rank: int) -> int:
     return sum(rank * (i + o) for i, o in target_shapes(model, targets).values())
 
 
-def variant_slots(v: str) -> tuple[int, bool, bool]:
-    """``12cf`` -> (12 slots, gradient checkpointing, fused kernels)."""
-    return int(v.rstrip("cf")), "c" in v, "f" in v
+@dataclass(frozen=True)
+class Variant:
+    """A multi-slot trainer setting the benchmarks measure (``bench.variants``): ``12cf`` = 12 slots,
+    gradient checkpointing, fused kernels; ``r``: the reference LoRA path, not the shared-input one."""
+
+    label: str
+    slots: int
+    checkpointing: bool
+    fused: bool
+    shared_inputs: bool
+
+    @classmethod
+    def parse(cls, label: str) -> "Variant":
+        return cls(label, int(label.rstrip("cfr")), "c" in label, "f" in label, "r" not in label)
+
+    def trainer(self, model: Any, train: LoraTrainConfig, **kwargs: Any) -> MultiSlotTrainer:
+        """The trainer of this setting (gradient checkpointing is the caller's, on the model)."""
+        return MultiSlotTrainer(model, train, slots=self.slots, fused=self.fused,
+                                shared_inputs=self.shared_inputs, **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {"variant": self.label, "slots": self.slots, "gradient_checkpointing": self.checkpointing,
+                "fused": self.fused, "shared_inputs": self.shared_inputs}

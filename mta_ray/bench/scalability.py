@@ -39,13 +39,13 @@ import numpy as np
 import torch
 
 from mta_ray.bench.common import (build_model, device_name, lora_params, measure, random_anchors, run_baseline,
-                                  synthetic_jobs, target_shapes, variant_slots)
+                                  synthetic_jobs, target_shapes, Variant)
 from mta_ray.config import Config, LoraTrainConfig, with_values
 from mta_ray.core.adaptive import AnchorRetriever
 from mta_ray.core.lora import LoraPair, merge_delta, merge_params
 from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, bf16_twin, profile
 from mta_ray.core.quant import stored_bytes
-from mta_ray.engine.trainer import Job, MultiSlotTrainer
+from mta_ray.engine.trainer import Job
 from mta_ray.files.atomic import atomic_write_text, slug
 
 BYTES_PER_PARAM = 2
@@ -60,9 +60,7 @@ class _Bench:
 
     cfg: Config
     device: str
-    slots: int
-    fused: bool
-    checkpointing: bool
+    variant: Variant
     _model: Any = None
 
     @property
@@ -70,7 +68,7 @@ class _Bench:
         """Built on first use: a rerun whose measurements are all kept needs no model (nor a GPU)."""
         if self._model is None:
             self._model = build_model(self.cfg, self.device)
-            if self.checkpointing:
+            if self.variant.checkpointing:
                 self._model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self._model
 
@@ -93,9 +91,8 @@ class _Bench:
 
     def trainer_cost(self, train: LoraTrainConfig, jobs: list[Job], merged_rank: int) -> tuple[float, int]:
         """(seconds, peak bytes) of training ``jobs`` in the multi-slot trainer."""
-        trainer = MultiSlotTrainer(self.model, train, slots=self.slots, merged_rank=merged_rank, seed=self.cfg.seed,
-                                   fused=self.fused, max_rows=self.cfg.adapt.max_rows,
-                                   merged_targets=self.cfg.bank.target_modules)
+        trainer = self.variant.trainer(self.model, train, merged_rank=merged_rank, seed=self.cfg.seed,
+                                       max_rows=self.cfg.adapt.max_rows, merged_targets=self.cfg.bank.target_modules)
         try:
             _, sec, peak = measure(lambda: trainer.run(jobs), self.device)
         finally:
@@ -112,12 +109,11 @@ def run_scalability(cfg: Config, out: Path) -> list[dict[str, Any]]:
     if b.replot:
         return replot(cfg, out, labels)
     device, name = device_name()
-    slots, ckpt, fused = variant_slots(b.variants[0])
-    bench = _Bench(cfg, device, slots, fused, ckpt)
+    bench = _Bench(cfg, device, Variant.parse(b.variants[0]))
     try:
         return [_one_length(bench, cfg, n, name, out, labels) for n in (b.prompt_lengths or [b.prompt_tokens])]
     finally:
-        if ckpt and bench._model is not None:
+        if bench.variant.checkpointing and bench._model is not None:
             bench.model.gradient_checkpointing_disable()
 
 
@@ -231,7 +227,7 @@ def _settings_hash(cfg: Config, device: str) -> str:
 def _warm_up(bench: _Bench) -> None:
     """Untimed: compile the fused kernels for every row shape the systems use (the stacked adapter's, the
     bank's batch 1, OPPU's batch 16 in groups of ``adapt.max_rows``), fill the allocator, load PEFT's code."""
-    cfg, s = bench.cfg, bench.slots
+    cfg, s = bench.cfg, bench.variant.slots
     bench.trainer_cost(cfg.adapt, bench.jobs(s, 50_000, merged=True, items=2), bench.merged_rank)
     bench.trainer_cost(cfg.bank, bench.jobs(s, 51_000, merged=False, items=2), 0)
     if MULTISLOT in cfg.bench.systems:

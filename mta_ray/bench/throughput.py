@@ -23,9 +23,9 @@ from typing import Any
 import torch
 
 from mta_ray.bench.common import (build_model, device_name, device_peak, measure, param_counts, run_baseline, sync,
-                                  synthetic_jobs, variant_slots)
+                                  synthetic_jobs, Variant)
 from mta_ray.config import Config, LoraTrainConfig
-from mta_ray.engine.trainer import Job, MultiSlotTrainer
+from mta_ray.engine.trainer import Job
 from mta_ray.files.atomic import atomic_write_text, slug
 
 
@@ -85,8 +85,7 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
 
     variants = []
     for v in b.variants:
-        slots, ckpt, fused = variant_slots(v)
-        variants.append(_run_variant(model, cfg, device, slots, ckpt, fused, merged_rank, flop_args, peak_flops))
+        variants.append(_run_variant(model, cfg, device, Variant.parse(v), merged_rank, flop_args, peak_flops))
         print(f"  multi-slot {v}: {variants[-1]}", flush=True)
     ok = [x for x in variants if "error" not in x]
     best = max(ok, key=lambda x: x["users_per_hour"]) if ok else None
@@ -108,7 +107,7 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
     }
     out.mkdir(parents=True, exist_ok=True)
     if profile and best:
-        _profile(model, cfg, device, best["slots"], best["gradient_checkpointing"], best["fused"], merged_rank, out)
+        _profile(model, cfg, device, Variant.parse(best["variant"]), merged_rank, out)
     path = out / f"throughput-{slug(result['model'])}-{slug(name)}.json"
     atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"  speedup (best variant {result['best_variant']} vs baseline): {result['speedup_users_per_hour']}x "
@@ -116,31 +115,29 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
     return result
 
 
-def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused: bool, merged_rank: int,
+def _run_variant(model: Any, cfg: Config, device: str, variant: Variant, merged_rank: int,
                  flop_args: tuple, peak_flops: float | None) -> dict[str, Any]:
     b = cfg.bench
-    label = f"{slots}{'c' if ckpt else ''}{'f' if fused else ''}"
     trainer = None
     try:
-        if ckpt:
+        if variant.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        warm_up = synthetic_jobs(model, cfg, slots, offset=20_000)  # made before the trainer wraps the layers
-        jobs = synthetic_jobs(model, cfg, max(b.users, 2 * slots))
-        trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed,
-                                   fused=fused, merged_targets=cfg.bank.target_modules)
+        warm_up = synthetic_jobs(model, cfg, variant.slots, offset=20_000)  # made before the trainer wraps layers
+        jobs = synthetic_jobs(model, cfg, max(b.users, 2 * variant.slots))
+        trainer = variant.trainer(model, cfg.adapt, merged_rank=merged_rank, seed=cfg.seed,
+                                  merged_targets=cfg.bank.target_modules)
         trainer.run(warm_up)  # one full round (and compile)
         results, sec, peak = measure(lambda: trainer.run(jobs), device)
         fig = _figures(len(jobs), sec, _flops(jobs, *flop_args, head_on_targets_only=True), peak_flops, peak)
         fig["failed_users"] = sum(r.status != "ok" for r in results)
         fig["mean_final_loss"] = round(sum(r.final_loss for r in results) / len(results), 4)
-        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "fused": fused, **fig}
+        return {**variant.describe(), **fig}
     except torch.OutOfMemoryError:
-        return {"variant": label, "slots": slots, "gradient_checkpointing": ckpt, "fused": fused,
-                "error": "out of memory"}
+        return {**variant.describe(), "error": "out of memory"}
     finally:
         if trainer is not None:
             trainer.close()
-        if ckpt:
+        if variant.checkpointing:
             model.gradient_checkpointing_disable()
         for p in model.parameters():
             p.grad = None
@@ -148,17 +145,16 @@ def _run_variant(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, f
             torch.cuda.empty_cache()
 
 
-def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused: bool, merged_rank: int,
-             out: Path) -> None:
-    """Where the time goes: a torch.profiler table of one round of ``slots`` users."""
+def _profile(model: Any, cfg: Config, device: str, variant: Variant, merged_rank: int, out: Path) -> None:
+    """Where the time goes: a torch.profiler table of one round of the variant's users."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    if ckpt:
+    if variant.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    jobs = synthetic_jobs(model, cfg, slots, offset=30_000)  # made before the trainer wraps the layers
-    trainer = MultiSlotTrainer(model, cfg.adapt, slots=slots, merged_rank=merged_rank, seed=cfg.seed, fused=fused,
-                               merged_targets=cfg.bank.target_modules)
+    jobs = synthetic_jobs(model, cfg, variant.slots, offset=30_000)  # made before the trainer wraps the layers
+    trainer = variant.trainer(model, cfg.adapt, merged_rank=merged_rank, seed=cfg.seed,
+                              merged_targets=cfg.bank.target_modules)
     try:
         with profile(activities=acts) as prof:
             trainer.run(jobs)
@@ -169,5 +165,5 @@ def _profile(model: Any, cfg: Config, device: str, slots: int, ckpt: bool, fused
         print(table[:6000], flush=True)
     finally:
         trainer.close()
-        if ckpt:
+        if variant.checkpointing:
             model.gradient_checkpointing_disable()

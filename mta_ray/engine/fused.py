@@ -10,12 +10,15 @@ shared by every layer so it compiles once.
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mta_ray.engine.multilora import MultiSlotLinear, slot_linear, slot_linear_backward
 
 RMSNORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
 
@@ -29,6 +32,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
+
+
+def silu_mul_halves(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu_mul of gate and up side by side in one tensor (a shared-input GEMM's output)."""
+    half = gate_up.shape[-1] // 2
+    return F.silu(gate_up[..., :half]) * gate_up[..., half:]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -55,14 +64,51 @@ class FusedRMSNorm(nn.Module):
         return self.fn(x, self.inner.weight, self.inner.variance_epsilon)
 
 
+class GatedDown(torch.autograd.Function):
+    """``down(silu(gate) * up)`` through a multi-slot down projection, from gate and up side by side.
+
+    Keeps gate/up for backward (the SiLU's gradient needs them anyway) but not their product, which the
+    down projection's LoRA gradient would otherwise hold: at intermediate width it is the largest
+    activation of a decoder layer, and recomputing it in backward is one elementwise pass.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, A, B, down: MultiSlotLinear, act: Callable):
+        router = copy.copy(down.router)  # the routing of this pass, whatever the router holds by backward
+        with torch.no_grad():
+            y = slot_linear(act(gate_up), down.base.weight, down.base.bias, A, B, router)
+        ctx.save_for_backward(gate_up, A, B)
+        ctx.down, ctx.act, ctx.router = down, act, router
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate_up, A, B = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = gate_up.detach().requires_grad_()
+            product = ctx.act(leaf)
+        d_product, dA, dB = slot_linear_backward(dy, product.detach(), ctx.down.base.weight, A, B, ctx.router)
+        d_gate_up, = torch.autograd.grad(product, leaf, d_product)
+        return d_gate_up, dA, dB, None, None
+
+
 class FusedMLP(nn.Module):
-    def __init__(self, mlp: nn.Module, fn: Callable):
+    def __init__(self, mlp: nn.Module, fn: Callable, halves_fn: Callable):
         super().__init__()
-        self.inner, self.fn = mlp, fn
+        self.inner, self.fn, self.halves_fn = mlp, fn, halves_fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.inner
-        return m.down_proj(self.fn(m.gate_proj(x), m.up_proj(x)))
+        shared = getattr(m.gate_proj, "shared", None)
+        if shared is None or shared.members != [m.gate_proj, m.up_proj]:
+            return m.down_proj(self.fn(m.gate_proj(x), m.up_proj(x)))
+        gate_up = shared.whole(x)  # one GEMM; its gradient comes back as one tensor, not two to concatenate
+        down = m.down_proj
+        if (isinstance(down, MultiSlotLinear) and down.router.rows is not None and down.rank and not down.dropout
+                and down.shared is None and gate_up.dim() == 3):
+            A, B = down.factors(gate_up.dtype)
+            return GatedDown.apply(gate_up, A, B, down, self.halves_fn)
+        return down(self.halves_fn(gate_up))
 
 
 def _is_silu_mlp(module: nn.Module) -> bool:
@@ -74,7 +120,7 @@ def _is_silu_mlp(module: nn.Module) -> bool:
 def apply_fused(model: nn.Module, compile: bool = True) -> Callable[[], None]:
     """Swap RMSNorm/MLP modules and the rotary function for fused ones; returns an undo function."""
     wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
-    norm_fn, mlp_fn, rope_fn = wrap(rms_norm), wrap(silu_mul), wrap(rotary)
+    norm_fn, mlp_fn, halves_fn, rope_fn = wrap(rms_norm), wrap(silu_mul), wrap(silu_mul_halves), wrap(rotary)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -82,7 +128,7 @@ def apply_fused(model: nn.Module, compile: bool = True) -> Callable[[], None]:
                 setattr(module, child_name, FusedRMSNorm(child, norm_fn))
                 swapped.append((module, child_name, child))
             elif _is_silu_mlp(child):
-                setattr(module, child_name, FusedMLP(child, mlp_fn))
+                setattr(module, child_name, FusedMLP(child, mlp_fn, halves_fn))
                 swapped.append((module, child_name, child))
     modeling = sys.modules.get(type(model).__module__)
     original_rope = getattr(modeling, "apply_rotary_pos_emb", None)

@@ -65,7 +65,8 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[list[int]], max_new_t
             set_merged(layers, i, merged[i])
             if stacked[i] is not None:
                 set_stacked(layers, i, stacked[i])
-        router.rows = torch.arange(n, device=device)
+        slots = torch.arange(n, device=device)
+        router.route(slots, slots, 1)  # one row per slot
     try:
         out = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, num_beams=1,

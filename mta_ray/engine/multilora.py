@@ -7,6 +7,14 @@ batched matmuls; there is no Python loop over users in the forward pass:
 
     y[n] = W0 x[n] + B_m[s] A_m[s] x[n] + scale * B_a[s] A_a[s] x[n],   s = rows[n]
 
+Linears that read the same input (q/k/v, gate/up) form a :class:`SharedInput`:
+one GEMM over their concatenated base weights, one down-projection with all
+their branches' A factors (merged and trainable, every member), one up-projection
+with a block-diagonal B added in place into that GEMM's output. When the batch is
+runs of equal length, one run per slot (the trainer's layout), the factors are
+taken per slot, not per row: each slot's rows are one long matrix, so nothing is
+gathered or scattered per row and a factor's gradient is one batched matmul.
+
 Trainable factors are kept in float32 (the optimizer's master copy) and cast
 to the activations' dtype for compute, as PEFT does for bf16 models.
 """
@@ -15,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +35,97 @@ from mta_ray.core.lora import Lora, LoraPair, adapts_all_linear
 # strided view cannot meet autograd's gradient "layout contract", which costs only the speed of that add.
 warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling linears that Llama-family decoders call on the very same input tensor."""
+
 
 class SlotRouter:
     """Which slot each batch row uses; one router is shared by every layer of a model."""
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None  # (N,) long, or None = base model only
+        self.runs: torch.Tensor | None = None  # (G,) slot of each run when rows are G equal runs, else None
+        self.per_run = 0                       # rows in each run
+
+    def route(self, rows: torch.Tensor | None, runs: torch.Tensor | None = None, per_run: int = 0) -> None:
+        """Route rows to slots; ``runs``/``per_run``: the same rows as ``len(runs)`` consecutive runs of
+        ``per_run`` rows (see :func:`equal_runs`), which lets layers take factors per slot."""
+        self.rows, self.runs, self.per_run = rows, runs, per_run if runs is not None else 0
+
+
+def equal_runs(rows: Sequence[int]) -> tuple[list[int], int] | None:
+    """``rows`` as consecutive runs of one slot each, all of one length: (slot of each run, run length);
+    None when they are not (then layers gather factors row by row)."""
+    runs: list[list[int]] = []
+    for s in rows:
+        if runs and runs[-1][0] == s:
+            runs[-1][1] += 1
+        else:
+            runs.append([s, 1])
+    lengths = {n for _, n in runs}
+    if len(lengths) != 1:
+        return None
+    return [s for s, _ in runs], lengths.pop()
+
+
+def _per_slot(x3: torch.Tensor, A: torch.Tensor, B: torch.Tensor, router: SlotRouter):
+    """(x as G matrices, each group's A and B, index of each group's slot): G = runs (per slot) or rows."""
+    N, T = x3.shape[:2]
+    if router.runs is not None and router.runs.shape[0] * router.per_run == N:
+        G = router.runs.shape[0]
+        return x3.reshape(G, N // G * T, -1), A.index_select(0, router.runs), B.index_select(0, router.runs), router.runs
+    return x3, A.index_select(0, router.rows), B.index_select(0, router.rows), router.rows
+
+
+def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                B: torch.Tensor, router: SlotRouter) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` plus, for row n of slot s, ``B[s] A[s] x[n]``; A (S, K, in), B (S, out, K).
+
+    The update goes into the GEMM's output in place (no full-width temporary); with equal runs each slot's
+    rows are one (rows x tokens, in) matrix and factors are indexed per slot, not per row.
+    """
+    squeeze = x.dim() == 2
+    x3 = x.unsqueeze(1) if squeeze else x                                           # (N, T, in)
+    xs, A, B, _ = _per_slot(x3, A, B, router)
+    y = F.linear(xs, weight, bias)
+    if A.shape[1]:
+        h = torch.bmm(xs, A.transpose(1, 2))                                        # (G, p*T, K)
+        y.baddbmm_(h, B.transpose(1, 2))
+    y = y.reshape(*x3.shape[:2], -1)
+    return y.squeeze(1) if squeeze else y
+
+
+def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
+                         B: torch.Tensor, router: SlotRouter) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dx, dA, dB) of :func:`slot_linear` (3-d x) for output gradient ``dy``, by hand: for a
+    caller that recomputes ``x`` in its backward instead of keeping it (see ``fused.GatedDown``)."""
+    xs, As, Bs, index = _per_slot(x, A, B, router)
+    dys = dy.reshape(xs.shape[0], xs.shape[1], -1)
+    dx = torch.matmul(dys, weight)                                                  # (G, p*T, in)
+    dA, dB = torch.zeros_like(A), torch.zeros_like(B)
+    if As.shape[1]:
+        h = torch.bmm(xs, As.transpose(1, 2))
+        dh = torch.bmm(dys, Bs)                                                     # (G, p*T, K)
+        dx.baddbmm_(dh, As)
+        dA.index_add_(0, index, torch.bmm(dh.transpose(1, 2), xs))
+        dB.index_add_(0, index, torch.bmm(dys.transpose(1, 2), h))
+    return dx.reshape(x.shape), dA, dB
+
+
+class _SplitLast(torch.autograd.Function):
+    """Views of a tensor's last-dimension blocks; their gradients come back as one concatenation (not one
+    zero-padded full-width gradient per block summed, as slicing would give)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, sizes: tuple[int, ...]):
+        ctx.sizes = sizes
+        return tuple(y.split(sizes, dim=-1))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        full = [g if g is not None else like.new_zeros(*like.shape[:-1], n) for g, n in zip(grads, ctx.sizes)]
+        return torch.cat(full, dim=-1), None
 
 
 class MultiSlotLinear(nn.Module):
@@ -43,6 +136,10 @@ class MultiSlotLinear(nn.Module):
         self.router = router
         self.scale = scale
         self.dropout = dropout
+        self.shared: SharedInput | None = None
+        """The group of linears reading this one's input, when it has one (set by :func:`inject`)."""
+        self.bound: tuple[torch.Tensor, torch.Tensor] | None = None
+        """This pass's trainable factors in compute dtype, views of one cast of every layer's (FlatFactors.bind)."""
         dev = base.weight.device
         out_f, in_f = base.out_features, base.in_features
         # rank 0: a layer that carries only the merged branch (the bank adapts more modules than the
@@ -67,30 +164,111 @@ class MultiSlotLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
+    @property
+    def rank(self) -> int:
+        """Columns of both branches together."""
+        return self.merged_A.shape[1] + self.lora_A.shape[1]
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches as one: A (S, R+r, in) and B (S, out, R+r) in ``dtype``, the scale in B."""
+        A, B = self.merged_A, self.merged_B
+        if self.lora_A.shape[1]:
+            a, b = self.bound or (self.lora_A.to(dtype), self.lora_B.to(dtype))
+            A = torch.cat([A, a], dim=1) if A.shape[1] else a
+            B = torch.cat([B, b * self.scale], dim=2) if B.shape[1] else b * self.scale
+        return A, B
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        if self.shared is not None:
+            return self.shared.output(self, x)
+        if self.router.rows is None:
+            return self.base(x)
+        if self.dropout > 0 and self.lora_A.shape[1] and torch.is_grad_enabled():
+            return self._forward_with_dropout(x)
+        A, B = self.factors(x.dtype)
+        return slot_linear(x, self.base.weight, self.base.bias, A, B, self.router)
+
+    def _forward_with_dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the trainable branch's input only (as PEFT); the merged branch sees x itself."""
         rows = self.router.rows
-        if rows is None:
-            return y
         squeeze = x.dim() == 2
-        if squeeze:
-            x, y = x.unsqueeze(1), y.unsqueeze(1)
-        A = self.lora_A.to(x.dtype)                                                 # (S, r, in)
-        B = self.lora_B.to(x.dtype) * self.scale                                    # (S, out, r)
-        if A.shape[1] and self.dropout > 0 and torch.is_grad_enabled():
-            # dropout on the trainable branch's input only; the merged branch then sees x itself
-            h = torch.bmm(F.dropout(x, self.dropout, training=True), A.index_select(0, rows).transpose(1, 2))
-            y = y + torch.bmm(h, B.index_select(0, rows).transpose(1, 2))
-            A, B = self.merged_A, self.merged_B
-        elif not A.shape[1]:  # a merged branch only (a module of the bank's, not of the stacked adapter)
-            A, B = self.merged_A, self.merged_B
-        elif self.merged_A.shape[1]:  # one pass over x for both branches
-            A = torch.cat([self.merged_A, A], dim=1)                                # (S, R+r, in)
-            B = torch.cat([self.merged_B, B], dim=2)                                # (S, out, R+r)
-        if A.shape[1]:
-            h = torch.bmm(x, A.index_select(0, rows).transpose(1, 2))              # (N, T, R+r)
-            y = torch.baddbmm(y, h, B.index_select(0, rows).transpose(1, 2))       # (N, T, out)
+        x3 = x.unsqueeze(1) if squeeze else x
+        a, b = self.bound or (self.lora_A.to(x.dtype), self.lora_B.to(x.dtype))
+        A, B = a.index_select(0, rows), (b * self.scale).index_select(0, rows)
+        y = slot_linear(x3, self.base.weight, self.base.bias, self.merged_A, self.merged_B, self.router)
+        h = torch.bmm(F.dropout(x3, self.dropout, training=True), A.transpose(1, 2))
+        y = torch.baddbmm(y, h, B.transpose(1, 2))
         return y.squeeze(1) if squeeze else y
+
+
+class SharedInput:
+    """Sibling linears called on the same input tensor (q/k/v; gate/up), computed together on the first
+    member's call: one GEMM over their concatenated weights (the members' weights become views of it),
+    one down-projection with all their A factors, one in-place up-projection with a block-diagonal B.
+    The other members' calls with that same tensor take their slice of the result."""
+
+    def __init__(self, members: list[MultiSlotLinear]):
+        self.members = members
+        self.sizes = tuple(m.out_features for m in members)
+        self.weight = _concatenated([m.base.weight for m in members])
+        biases = [m.base.bias for m in members]
+        self.bias = _concatenated(biases) if all(b is not None for b in biases) else None
+        if any(b is not None for b in biases) and self.bias is None:
+            raise ValueError("linears sharing an input must all have a bias or none")
+        self._x: torch.Tensor | None = None
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def output(self, member: MultiSlotLinear, x: torch.Tensor) -> torch.Tensor:
+        k = self.members.index(member)
+        if self._x is not x or k not in self._outputs:
+            parts = _SplitLast.apply(self._compute(x), self.sizes)
+            self._x, self._outputs = x, dict(enumerate(parts))
+        out = self._outputs.pop(k)
+        if not self._outputs:
+            self._x = None  # all taken: hold no activations between calls
+        return out
+
+    def whole(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output, concatenated along the last dimension (for a caller that takes them
+        together, like the fused gated MLP)."""
+        return self._compute(x)
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        router = self.members[0].router
+        if router.rows is None:
+            return F.linear(x, self.weight, self.bias)
+        A, B = self.factors(x.dtype)
+        return slot_linear(x, self.weight, self.bias, A, B, router)
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (S, K, in): every member's columns side by side; B (S, sum out, K) block-diagonal."""
+        parts = [m.factors(dtype) for m in self.members]
+        A = torch.cat([a for a, _ in parts], dim=1)
+        B = A.new_zeros(A.shape[0], sum(self.sizes), A.shape[1])
+        o = k = 0
+        for (_, b), n in zip(parts, self.sizes):
+            B[:, o:o + n, k:k + b.shape[2]] = b
+            o, k = o + n, k + b.shape[2]
+        return A, B
+
+
+def _concatenated(params: list[torch.Tensor]) -> torch.Tensor:
+    """The parameters stacked along dim 0 as one tensor, the parameters made views of it (no copy when
+    they already lie back to back in one storage, as after an earlier :func:`inject`)."""
+    first = params[0]
+    shape = (sum(p.shape[0] for p in params), *first.shape[1:])
+    ptr, contiguous = first.data_ptr(), True
+    for p in params:
+        contiguous &= p.is_contiguous() and p.data_ptr() == ptr and p.dtype == first.dtype
+        ptr += p.numel() * p.element_size()
+    if contiguous and all(p.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() for p in params):
+        return torch.as_strided(first.data, shape, first.stride())
+    whole = torch.cat([p.data for p in params], dim=0)
+    start = 0
+    for p in params:
+        p.data = whole[start:start + p.shape[0]]
+        start += p.shape[0]
+    return whole
 
 
 def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
@@ -109,36 +287,64 @@ def target_module_names(model: nn.Module, targets: Iterable[str]) -> list[str]:
 
 
 def inject(model: nn.Module, targets: Iterable[str], slots: int, rank: int, merged_rank: int = 0,
-           scale: float = 1.0, dropout: float = 0.0,
-           merged_targets: Iterable[str] | None = None) -> tuple[SlotRouter, dict[str, MultiSlotLinear]]:
+           scale: float = 1.0, dropout: float = 0.0, merged_targets: Iterable[str] | None = None,
+           shared_inputs: bool = True) -> tuple[SlotRouter, dict[str, MultiSlotLinear]]:
     """Replace the target linears of ``model`` in place by :class:`MultiSlotLinear` layers.
 
     ``targets``: the modules of the trainable (stacked) branch; ``merged_targets``: those of the frozen
     merged branch (default: the same). The merged LoRA covers the bank's modules and the stacked adapter
     its own, which may differ: layers get rank 0 for a branch they do not carry.
+
+    ``shared_inputs`` (without dropout): siblings that read one input (:data:`SHARED_INPUTS`) are
+    computed together (:class:`SharedInput`), a sibling no branch targets included (both ranks 0).
     """
     router = SlotRouter()
-    layers = {}
     trainable = set(target_module_names(model, targets))
     merged: set[str] = set()
     if merged_rank:
         merged = set(target_module_names(model, merged_targets)) if merged_targets is not None else trainable
-    for name in [n for n, m in model.named_modules() if n in trainable | merged]:  # model order
+    groups = _shared_input_groups(model, trainable | merged) if shared_inputs and not dropout else []
+    wrapped = trainable | merged | {name for group in groups for name in group}
+    layers = {}
+    for name in [n for n, _ in model.named_modules() if n in wrapped]:  # model order
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = MultiSlotLinear(getattr(parent, child), router, slots, rank if name in trainable else 0,
                                 merged_rank if name in merged else 0, scale, dropout)
         setattr(parent, child, layer)
         layers[name] = layer
+    for group in groups:
+        shared = SharedInput([layers[name] for name in group])
+        for name in group:
+            layers[name].shared = shared
     return router, layers
 
 
+def _shared_input_groups(model: nn.Module, adapted: set[str]) -> list[list[str]]:
+    """Paths of sibling linears that read one input (:data:`SHARED_INPUTS`), where any of them is adapted
+    and all have one input width, dtype and device."""
+    groups = []
+    for parent_name, parent in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        for names in SHARED_INPUTS:
+            linears = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, nn.Linear) for m in linears):
+                continue
+            paths = [prefix + n for n in names]
+            alike = {(m.in_features, m.weight.dtype, m.weight.device, m.bias is None) for m in linears}
+            if len(alike) == 1 and adapted & set(paths):
+                groups.append(paths)
+    return groups
+
+
 def restore(model: nn.Module, layers: dict[str, MultiSlotLinear]) -> None:
-    """Undo :func:`inject`: put the plain base linears back."""
+    """Undo :func:`inject`: put the plain base linears back (weights of a shared input stay views of
+    their concatenation: same values, and the next inject reuses it without a copy)."""
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, layer.base)
+        layer.shared = None
 
 
 class FlatFactors:
@@ -171,6 +377,20 @@ class FlatFactors:
                 start += n
         self.layers = layers
 
+    def bind(self, dtype: torch.dtype) -> None:
+        """For one forward/backward: every layer computes with views of one cast of the flat factors, whose
+        gradient comes back as one (S, P) tensor added once into :attr:`grad` (not a cast and a strided
+        gradient add per factor: 448 of each on an 8B model with every linear adapted)."""
+        leaf = self.data.detach().requires_grad_()
+        leaf.grad = self.grad  # autograd adds into it in place
+        views = _FactorViews.apply(leaf, dtype, tuple(self.spans))
+        for k, layer in enumerate(self.layers.values()):
+            layer.bound = (views[2 * k], views[2 * k + 1])
+
+    def unbind(self) -> None:
+        for layer in self.layers.values():
+            layer.bound = None
+
     def init_row(self, generator: torch.Generator) -> torch.Tensor:
         """A slot's row (P,) on the host with PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)),
         B = 0 (training starts at the base); loading a slot is then one copy, not one per layer."""
@@ -188,6 +408,24 @@ class FlatFactors:
             s = layer.scale if fold_scale else 1.0
             out[name] = LoraPair(row[a0:a1].view(a_shape).clone(), row[b0:b1].view(b_shape) * s)
         return out
+
+
+class _FactorViews(torch.autograd.Function):
+    """The flat factors cast once to the compute dtype, as one view per factor; the views' gradients are
+    concatenated back into one (S, P) gradient."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, dtype: torch.dtype, spans: tuple):
+        ctx.spans, ctx.dtype = spans, flat.dtype
+        cast = flat.to(dtype, copy=True)
+        return tuple(cast[:, a:b].view(-1, *shape) for a, b, shape in spans)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        like = next(g for g in grads if g is not None)
+        parts = [g.reshape(like.shape[0], -1) if g is not None else like.new_zeros(like.shape[0], b - a)
+                 for g, (a, b, _) in zip(grads, ctx.spans)]
+        return torch.cat(parts, dim=1).to(ctx.dtype), None, None
 
 
 # --------------------------------------------------------------------------- slot I/O

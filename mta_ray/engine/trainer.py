@@ -25,7 +25,7 @@ from mta_ray.config import LoraTrainConfig
 from mta_ray.core.lora import Lora
 from mta_ray.core.optim import adamw_coefficients, adamw_rows_
 from mta_ray.engine.fused import apply_fused
-from mta_ray.engine.multilora import FlatFactors, inject, restore, set_merged, set_stacked
+from mta_ray.engine.multilora import FlatFactors, equal_runs, inject, restore, set_merged, set_stacked
 
 IGNORE = -100
 
@@ -150,7 +150,8 @@ class MultiSlotTrainer:
 
     def __init__(self, model: nn.Module, cfg: LoraTrainConfig, slots: int, merged_rank: int = 0,
                  pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 fused: bool | None = None, max_rows: int = 0, merged_targets: Sequence[str] | None = None):
+                 fused: bool | None = None, max_rows: int = 0, merged_targets: Sequence[str] | None = None,
+                 shared_inputs: bool = True):
         """``fused``: swap in compiled RMSNorm/SiLU-mul/rotary kernels (default: on CUDA only).
 
         ``max_rows``: most sequences in one forward/backward (0 = all busy slots at once); busy slots
@@ -159,15 +160,21 @@ class MultiSlotTrainer:
 
         ``merged_targets``: the modules the frozen merged LoRAs adapt (the bank's ``target_modules``;
         default: the stacked adapter's own); every one of them carries the merged branch.
+
+        ``shared_inputs``: q/k/v and gate/up computed together, factors per slot and cast once per pass (the
+        engine's path); False keeps the reference path (each linear on its own, factors gathered per row
+        and cast per layer), which the benchmark measures beside it.
         """
         self.model, self.cfg, self.slots, self.pad_id, self.seed = model, cfg, slots, pad_id, seed
         self.max_rows = max_rows
         self.betas, self.eps = betas, eps
         self.device = next(model.parameters()).device
+        self.shared_inputs = shared_inputs
         self.router, self.layers = inject(model, cfg.target_modules, slots, cfg.rank, merged_rank,
-                                          cfg.alpha / cfg.rank, cfg.dropout, merged_targets)
+                                          cfg.alpha / cfg.rank, cfg.dropout, merged_targets, shared_inputs)
         self.factors = FlatFactors(self.layers)
         """Every slot's trainable factors (and gradients) as one (S, P) row each: the optimizer's unit."""
+        self.compute_dtype = next(iter(self.layers.values())).merged_A.dtype  # the base weights' dtype
         self.exp_avg = torch.zeros_like(self.factors.data)
         self.exp_avg_sq = torch.zeros_like(self.factors.data)
         self.body = model.get_decoder()
@@ -259,7 +266,7 @@ class MultiSlotTrainer:
                     refill(s)
         if pending is not None:
             self._settle(pending, state, emit)
-        self.router.rows = None
+        self.router.route(None)
         self.model.eval()
         return results
 
@@ -346,19 +353,30 @@ class MultiSlotTrainer:
         rows_of = torch.tensor(rows)
         host = {"input_ids": input_ids, "rows": rows_of, "position": position, "target": target[n_idx, t_idx],
                 "weight": torch.tensor(weights, dtype=torch.float32)[n_idx], "slot": rows_of[n_idx]}
+        runs = equal_runs(rows) if self.shared_inputs else None  # equal runs: layers index factors per slot
+        if runs is not None:
+            host["runs"] = torch.tensor(runs[0])
         if not bool(attention.all()):
             host["attention"] = attention      # no padding: None lets SDPA take its causal flash path
         dev = {k: self._to_device(v) for k, v in host.items()}
-        self.router.rows = dev["rows"]
+        self.router.route(dev["rows"], dev.get("runs"), runs[1] if runs else 0)
+        if self.shared_inputs:
+            self.factors.bind(self.compute_dtype)
+        try:
+            weighted = self._loss(dev, N, T)
+            weighted.sum().backward()
+        finally:
+            self.factors.unbind()
+        self._window_loss.index_add_(0, dev["slot"], weighted.detach().double())
+
+    def _loss(self, dev: dict[str, torch.Tensor], N: int, T: int) -> torch.Tensor:
+        """Each target token's cross-entropy times its loss weight, (M,)."""
         hidden = self.body(input_ids=dev["input_ids"], attention_mask=dev.get("attention"),
                            use_cache=False).last_hidden_state                                 # (N, T, H)
         logits = self.head(hidden.reshape(N * T, -1).index_select(0, dev["position"]))        # (M, V)
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        ce = F.cross_entropy(logits.float(), dev["target"], reduction="none")                 # (M,)
-        weighted = ce * dev["weight"]
-        weighted.sum().backward()
-        self._window_loss.index_add_(0, dev["slot"], weighted.detach().double())
+        return F.cross_entropy(logits.float(), dev["target"], reduction="none") * dev["weight"]
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """Host tensor to the trainer's device without making the host wait (pinned, non-blocking)."""
