@@ -113,13 +113,16 @@ def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 
 
 class _SplitLast(torch.autograd.Function):
-    """Views of a tensor's last-dimension blocks; their gradients come back as one concatenation (not one
-    zero-padded full-width gradient per block summed, as slicing would give)."""
+    """A tensor's last-dimension blocks as tensors of their own; their gradients come back as one
+    concatenation (not one zero-padded full-width gradient per block summed, as slicing would give).
+
+    Copies, not views: attention keeps v for backward, and a view would keep all of q/k/v alive with it.
+    """
 
     @staticmethod
     def forward(ctx, y: torch.Tensor, sizes: tuple[int, ...]):
         ctx.sizes = sizes
-        return tuple(y.split(sizes, dim=-1))
+        return tuple(part.contiguous() for part in y.split(sizes, dim=-1))
 
     @staticmethod
     def backward(ctx, *grads):
