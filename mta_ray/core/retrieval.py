@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
+from typing import Any
+
+import numpy as np
 
 # bm25s imports JAX when it is installed, and JAX grabs 75% of every GPU it sees in each process
-# that imports this module (the driver, every Ray worker). BM25 needs no GPU: keep JAX on the CPU.
+# that imports it (the driver, every Ray worker). BM25 needs no GPU: keep JAX on the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import bm25s  # noqa: E402
-import numpy as np
+
+def _bm25s() -> Any:
+    """bm25s, imported on first use: the task table imports this module, and training never ranks (a
+    GPU machine that only trains or benchmarks needs no bm25s)."""
+    import bm25s
+
+    return bm25s
 
 
 def _tokens(texts: list[str]) -> list[list[str]]:
-    return bm25s.tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
+    return _bm25s().tokenize(texts, stopwords="en", show_progress=False, return_ids=False)
 
 
 class HistoryIndex:
@@ -24,6 +32,7 @@ class HistoryIndex:
         self.size = len(docs)
         self._retriever = None
         if self.size:
+            bm25s = _bm25s()
             corpus = bm25s.tokenize(docs, stopwords="en", show_progress=False)
             self._vocab = corpus.vocab
             if any(w for w in self._vocab):  # only stopwords / symbols: nothing to index, all scores 0
