@@ -132,17 +132,18 @@ def test_hand_written_backward_matches_autograd(seed):
         assert torch.allclose(got, want, atol=1e-10)
 
 
-@pytest.mark.parametrize("targets", [("all-linear",), ("q_proj", "v_proj")])
-def test_fused_gated_mlp_keeps_logits_and_gradients(targets):
+@pytest.mark.parametrize("targets,compiled", [(("all-linear",), False), (("q_proj", "v_proj"), False),
+                                              pytest.param(("all-linear",), True, marks=pytest.mark.slow)])
+def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled):
     """The fused MLP (gate/up as one GEMM, the down projection's input recomputed in backward) computes the
-    logits and factor gradients of the plain multi-slot model."""
+    logits and factor gradients of the plain multi-slot model, eager or compiled (as on a GPU)."""
     from mta_ray.engine.fused import apply_fused
 
     ids = torch.randint(0, 96, (4, 6))
     out = {}
     for fused in (False, True):
         model, router, layers = _loaded(tiny_llama, 3, True, targets)
-        undo = apply_fused(model, compile=False) if fused else None
+        undo = apply_fused(model, compile=compiled) if fused else None
         router.route(torch.tensor([2, 2, 0, 0]), torch.tensor([2, 0]), 2)
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
         logits = model(inputs_embeds=emb).logits
@@ -151,8 +152,12 @@ def test_fused_gated_mlp_keeps_logits_and_gradients(targets):
                                                  for n, l in layers.items() if l.lora_A.shape[1]}
         if undo:
             undo()
-    assert torch.allclose(out[True][0], out[False][0], atol=1e-10)
-    assert torch.allclose(out[True][1], out[False][1], rtol=1e-9, atol=1e-10)
+    # compiled: the norms run in float32 (as transformers') in their own summation order
+    rel = 1e-5 if compiled else 1e-12
+
+    def close(got, want):
+        return float((got - want).norm() / want.norm()) < rel
+
+    assert close(out[True][0], out[False][0]) and close(out[True][1], out[False][1])
     for name, (dA, dB) in out[False][2].items():
-        assert torch.allclose(out[True][2][name][0], dA, rtol=1e-9, atol=1e-10), name
-        assert torch.allclose(out[True][2][name][1], dB, rtol=1e-9, atol=1e-10), name
+        assert close(out[True][2][name][0], dA) and close(out[True][2][name][1], dB), name
