@@ -134,11 +134,18 @@ def test_hand_written_backward_matches_autograd(seed):
 
 @pytest.mark.parametrize("targets,compiled", [(("all-linear",), False), (("q_proj", "v_proj"), False),
                                               pytest.param(("all-linear",), True, marks=pytest.mark.slow)])
-def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled):
-    """The fused MLP (gate/up as one GEMM, the down projection's input recomputed in backward) computes the
-    logits and factor gradients of the plain multi-slot model, eager or compiled (as on a GPU)."""
-    from mta_ray.engine.fused import apply_fused
+def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, monkeypatch):
+    """The fused model (gate/up as one GEMM; the down projection's input and the normed inputs of q/k/v
+    and gate/up recomputed in backward, not kept) computes the logits and factor gradients of the plain
+    multi-slot model, eager or compiled (as on a GPU)."""
+    from mta_ray.engine import multilora
+    from mta_ray.engine.fused import GatedDown, apply_fused
 
+    recomputed = []
+    for fn in (multilora._RecomputedDown, GatedDown):
+        original = fn.backward
+        monkeypatch.setattr(fn, "backward", staticmethod(
+            lambda ctx, *g, _f=original, _n=fn.__name__: recomputed.append(_n) or _f(ctx, *g)))
     ids = torch.randint(0, 96, (4, 6))
     out = {}
     for fused in (False, True):
@@ -158,6 +165,10 @@ def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled):
     def close(got, want):
         return float((got - want).norm() / want.norm()) < rel
 
+    # 2 decoder layers: q/k/v and gate/up (where trained) from the norm's input, down from gate/up (it always
+    # carries the merged branch here)
+    want = {"_RecomputedDown": 4 if targets == ("all-linear",) else 2, "GatedDown": 2}
+    assert {n: recomputed.count(n) for n in want} == want
     assert close(out[True][0], out[False][0]) and close(out[True][1], out[False][1])
     for name, (dA, dB) in out[False][2].items():
         assert close(out[True][2][name][0], dA) and close(out[True][2][name][1], dB), name

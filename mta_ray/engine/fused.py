@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mta_ray.engine.multilora import MultiSlotLinear, slot_linear, slot_linear_backward
+from mta_ray.engine.multilora import RECOMPUTE, MultiSlotLinear, slot_linear, slot_linear_backward
 
 RMSNORM_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "MistralRMSNorm"}
 
@@ -61,7 +61,12 @@ class FusedRMSNorm(nn.Module):
         return self.inner.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x, self.inner.weight, self.inner.variance_epsilon)
+        weight, eps = self.inner.weight, self.inner.variance_epsilon
+        y = self.fn(x, weight, eps)
+        if torch.is_grad_enabled():  # a multi-slot LoRA reading y recomputes it rather than keep it
+            source = x.detach()
+            setattr(y, RECOMPUTE, lambda: self.fn(source, weight, eps))
+        return y
 
 
 class GatedDown(torch.autograd.Function):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,10 +89,39 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     xs, A, B, _ = _per_slot(x3, A, B, router)
     y = F.linear(xs, weight, bias)
     if A.shape[1]:
-        h = torch.bmm(xs, A.transpose(1, 2))                                        # (G, p*T, K)
+        recompute = getattr(x, RECOMPUTE, None)
+        if recompute is not None and torch.is_grad_enabled() and A.requires_grad:
+            h = _RecomputedDown.apply(xs, A, recompute)                             # (G, p*T, K)
+        else:
+            h = torch.bmm(xs, A.transpose(1, 2))
         y.baddbmm_(h, B.transpose(1, 2))
     y = y.reshape(*x3.shape[:2], -1)
     return y.squeeze(1) if squeeze else y
+
+
+RECOMPUTE = "_mta_recompute"
+"""Attribute of an activation that can be recomputed from tensors autograd keeps anyway (a function of no
+arguments): a normed input (``fused.FusedRMSNorm`` sets it), which the down-projection then need not keep."""
+
+
+class _RecomputedDown(torch.autograd.Function):
+    """``h = x A^T`` (batched) keeping, for A's gradient, not x but the way to recompute it: the normed input
+    of q/k/v and of gate/up is recomputed from the norm's own saved input, and two hidden-width activations
+    per layer are no longer held."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, A: torch.Tensor, recompute: Callable[[], torch.Tensor]):
+        ctx.save_for_backward(A)
+        ctx.recompute, ctx.shape = recompute, xs.shape
+        return torch.bmm(xs, A.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dh):
+        A, = ctx.saved_tensors
+        dx = torch.bmm(dh, A) if ctx.needs_input_grad[0] else None
+        with torch.no_grad():
+            xs = ctx.recompute().reshape(ctx.shape)
+        return dx, torch.bmm(dh.transpose(1, 2), xs), None
 
 
 def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
