@@ -132,12 +132,14 @@ def test_hand_written_backward_matches_autograd(seed):
         assert torch.allclose(got, want, atol=1e-10)
 
 
-@pytest.mark.parametrize("targets,compiled", [(("all-linear",), False), (("q_proj", "v_proj"), False),
-                                              pytest.param(("all-linear",), True, marks=pytest.mark.slow)])
-def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, monkeypatch):
+@pytest.mark.parametrize("targets,compiled,checkpointing", [
+    (("all-linear",), False, False), (("q_proj", "v_proj"), False, False), (("all-linear",), False, True),
+    pytest.param(("all-linear",), True, False, marks=pytest.mark.slow)])
+def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, checkpointing, monkeypatch):
     """The fused model (gate/up as one GEMM; the down projection's input and the normed inputs of q/k/v
     and gate/up recomputed in backward, not kept) computes the logits and factor gradients of the plain
-    multi-slot model, eager or compiled (as on a GPU)."""
+    multi-slot model, eager or compiled (as on a GPU), with activation checkpointing too (the recomputed
+    inputs are saved tensors, which checkpointing drops and restores)."""
     from mta_ray.engine import multilora
     from mta_ray.engine.fused import GatedDown, apply_fused
 
@@ -151,6 +153,9 @@ def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, monkeypat
     for fused in (False, True):
         model, router, layers = _loaded(tiny_llama, 3, True, targets)
         undo = apply_fused(model, compile=compiled) if fused else None
+        if checkpointing:
+            model.train()  # transformers checkpoints only in training mode (the tiny models have no dropout)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         router.route(torch.tensor([2, 2, 0, 0]), torch.tensor([2, 0]), 2)
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
         logits = model(inputs_embeds=emb).logits

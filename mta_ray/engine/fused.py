@@ -64,8 +64,7 @@ class FusedRMSNorm(nn.Module):
         weight, eps = self.inner.weight, self.inner.variance_epsilon
         y = self.fn(x, weight, eps)
         if torch.is_grad_enabled():  # a multi-slot LoRA reading y recomputes it rather than keep it
-            source = x.detach()
-            setattr(y, RECOMPUTE, lambda: self.fn(source, weight, eps))
+            setattr(y, RECOMPUTE, (self.fn, x.detach(), weight, eps))
         return y
 
 

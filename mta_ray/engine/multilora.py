@@ -91,7 +91,7 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if A.shape[1]:
         recompute = getattr(x, RECOMPUTE, None)
         if recompute is not None and torch.is_grad_enabled() and A.requires_grad:
-            h = _RecomputedDown.apply(xs, A, recompute)                             # (G, p*T, K)
+            h = _RecomputedDown.apply(xs, A, *recompute)                            # (G, p*T, K)
         else:
             h = torch.bmm(xs, A.transpose(1, 2))
         y.baddbmm_(h, B.transpose(1, 2))
@@ -100,28 +100,32 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 RECOMPUTE = "_mta_recompute"
-"""Attribute of an activation that can be recomputed from tensors autograd keeps anyway (a function of no
-arguments): a normed input (``fused.FusedRMSNorm`` sets it), which the down-projection then need not keep."""
+"""Attribute of an activation that can be recomputed from tensors autograd keeps anyway: ``(fn, *args)``
+with ``fn(*args)`` the activation, tensors first. A normed input carries it (``fused.FusedRMSNorm``), so
+the down-projection keeps the norm's input rather than its output."""
 
 
 class _RecomputedDown(torch.autograd.Function):
-    """``h = x A^T`` (batched) keeping, for A's gradient, not x but the way to recompute it: the normed input
-    of q/k/v and of gate/up is recomputed from the norm's own saved input, and two hidden-width activations
-    per layer are no longer held."""
+    """``h = x A^T`` (batched) keeping, for A's gradient, not x but what recomputes it: the normed input of
+    q/k/v and of gate/up is recomputed from the norm's own input, and two hidden-width activations per layer
+    are no longer held. Those inputs are saved with ``save_for_backward``, so activation checkpointing frees
+    and restores them like any other saved tensor."""
 
     @staticmethod
-    def forward(ctx, xs: torch.Tensor, A: torch.Tensor, recompute: Callable[[], torch.Tensor]):
-        ctx.save_for_backward(A)
-        ctx.recompute, ctx.shape = recompute, xs.shape
+    def forward(ctx, xs: torch.Tensor, A: torch.Tensor, fn: Callable, *args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(A, *tensors)
+        ctx.fn, ctx.shape = fn, xs.shape
+        ctx.rest = args[len(tensors):]
         return torch.bmm(xs, A.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, dh):
-        A, = ctx.saved_tensors
+        A, *tensors = ctx.saved_tensors
         dx = torch.bmm(dh, A) if ctx.needs_input_grad[0] else None
         with torch.no_grad():
-            xs = ctx.recompute().reshape(ctx.shape)
-        return dx, torch.bmm(dh.transpose(1, 2), xs), None
+            xs = ctx.fn(*tensors, *ctx.rest).reshape(ctx.shape)
+        return (dx, torch.bmm(dh.transpose(1, 2), xs), None, *[None] * (len(tensors) + len(ctx.rest)))
 
 
 def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
@@ -205,10 +209,17 @@ class MultiSlotLinear(nn.Module):
         """Both branches as one: A (S, R+r, in) and B (S, out, R+r) in ``dtype``, the scale in B."""
         A, B = self.merged_A, self.merged_B
         if self.lora_A.shape[1]:
-            a, b = self.bound or (self.lora_A.to(dtype), self.lora_B.to(dtype))
+            a, b = self._trainable(dtype)
             A = torch.cat([A, a], dim=1) if A.shape[1] else a
             B = torch.cat([B, b * self.scale], dim=2) if B.shape[1] else b * self.scale
         return A, B
+
+    def _trainable(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainable factors (A, B) in ``dtype``: this pass's bound views when they are of that dtype
+        (under autocast or with some linears kept in float32 they may not be), else a cast of the layer's."""
+        if self.bound is not None and self.bound[0].dtype == dtype:
+            return self.bound
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.shared is not None:
@@ -225,7 +236,7 @@ class MultiSlotLinear(nn.Module):
         rows = self.router.rows
         squeeze = x.dim() == 2
         x3 = x.unsqueeze(1) if squeeze else x
-        a, b = self.bound or (self.lora_A.to(x.dtype), self.lora_B.to(x.dtype))
+        a, b = self._trainable(x.dtype)
         A, B = a.index_select(0, rows), (b * self.scale).index_select(0, rows)
         y = slot_linear(x3, self.base.weight, self.base.bias, self.merged_A, self.merged_B, self.router)
         h = torch.bmm(F.dropout(x3, self.dropout, training=True), A.transpose(1, 2))
@@ -237,7 +248,12 @@ class SharedInput:
     """Sibling linears called on the same input tensor (q/k/v; gate/up), computed together on the first
     member's call: one GEMM over their concatenated weights (the members' weights become views of it),
     one down-projection with all their A factors, one in-place up-projection with a block-diagonal B.
-    The other members' calls with that same tensor take their slice of the result."""
+    The other members' calls with that same tensor take their slice of the result.
+
+    The concatenation is taken once, at :func:`inject`: moving or re-casting the model while layers are
+    injected would leave it behind (the trainer never does; restore first). After :func:`restore` the
+    members' weights stay views of one storage (``safetensors.save_file`` of a raw state dict refuses
+    shared tensors; ``save_pretrained`` handles them)."""
 
     def __init__(self, members: list[MultiSlotLinear]):
         self.members = members
@@ -259,6 +275,10 @@ class SharedInput:
         if not self._outputs:
             self._x = None  # all taken: hold no activations between calls
         return out
+
+    def clear(self) -> None:
+        """Drop outputs not yet taken (a pass that ended early, or a member not called with this input)."""
+        self._x, self._outputs = None, {}
 
     def whole(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's output, concatenated along the last dimension (for a caller that takes them
@@ -389,8 +409,8 @@ class FlatFactors:
     factor's gradient into its view in place: the views are set as ``.grad`` before any backward.
     """
 
-    def __init__(self, layers: dict[str, MultiSlotLinear]):
-        layers = {name: layer for name, layer in layers.items() if layer.lora_A.shape[1]}  # merged-only: none
+    def __init__(self, all_layers: dict[str, MultiSlotLinear]):
+        layers = {name: layer for name, layer in all_layers.items() if layer.lora_A.shape[1]}  # merged-only: none
         params = [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
         slots, device = params[0].shape[0], params[0].device
         sizes = [p[0].numel() for p in params]
@@ -408,6 +428,7 @@ class FlatFactors:
                 self.spans.append((start, start + n, p.shape[1:]))
                 start += n
         self.layers = layers
+        self.all_layers = list(all_layers.values())
 
     def bind(self, dtype: torch.dtype) -> None:
         """For one forward/backward: every layer computes with views of one cast of the flat factors, whose
@@ -420,8 +441,11 @@ class FlatFactors:
             layer.bound = (views[2 * k], views[2 * k + 1])
 
     def unbind(self) -> None:
-        for layer in self.layers.values():
+        """End of a pass: drop the bound views and any shared-input outputs a member never took."""
+        for layer in self.all_layers:
             layer.bound = None
+            if layer.shared is not None:
+                layer.shared.clear()
 
     def init_row(self, generator: torch.Generator) -> torch.Tensor:
         """A slot's row (P,) on the host with PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)),
@@ -457,7 +481,8 @@ class _FactorViews(torch.autograd.Function):
         like = next(g for g in grads if g is not None)
         parts = [g.reshape(like.shape[0], -1) if g is not None else like.new_zeros(like.shape[0], b - a)
                  for g, (a, b, _) in zip(grads, ctx.spans)]
-        return torch.cat(parts, dim=1).to(ctx.dtype), None, None
+        flat = like.new_empty(like.shape[0], ctx.spans[-1][1], dtype=ctx.dtype)
+        return torch.cat(parts, dim=1, out=flat), None, None  # cast while concatenating: no bf16 copy
 
 
 # --------------------------------------------------------------------------- slot I/O
