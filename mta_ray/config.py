@@ -246,6 +246,19 @@ class RayConfig:
     the caching allocator live as on a smaller one (42 = a 48 GB card with room for the CUDA context)."""
 
 
+VARIANT_FLAGS = "cfr"
+"""Suffixes of a benchmark variant (``BenchConfig.variants``): c, f, r."""
+
+
+def variant_parts(label: str) -> tuple[int, str]:
+    """A multi-slot variant's slot count and suffixes (``12cf`` -> (12, "cf")); ValueError if malformed."""
+    count = label.rstrip(VARIANT_FLAGS)
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"bad variant {label!r}: a slot count, optionally with 'c', 'f' and/or 'r' "
+                         f"(e.g. 8, 32cf, 16fr)")
+    return int(count), label[len(count):]
+
+
 @dataclass
 class BenchConfig:
     """Benchmarks (``mta-ray bench throughput|scalability|pipeline|memory|evaluate``)."""
@@ -298,9 +311,7 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for v in self.variants:
-            if not v.rstrip("cfr").isdigit() or int(v.rstrip("cfr")) < 1:
-                raise ValueError(f"bad variant {v!r}: a slot count, optionally with 'c', 'f' and/or 'r' "
-                                 f"(e.g. 8, 32cf, 16fr)")
+            variant_parts(v)
         if self.target_tokens >= self.prompt_tokens:
             raise ValueError("target_tokens must be smaller than prompt_tokens")
         if not self.gpu_counts:

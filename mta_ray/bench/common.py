@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from mta_ray.config import Config, LoraTrainConfig
+from mta_ray.config import Config, LoraTrainConfig, variant_parts
 from mta_ray.core.lora import Lora, LoraPair, fold_into, merge_delta, merge_params, peft_target_modules, scaled
 from mta_ray.engine.multilora import target_module_names
 from mta_ray.engine.trainer import Example, Job, MultiSlotTrainer, plan_windows, user_seed
@@ -168,7 +168,8 @@ class Variant:
 
     @classmethod
     def parse(cls, label: str) -> "Variant":
-        return cls(label, int(label.rstrip("cfr")), "c" in label, "f" in label, "r" not in label)
+        slots, flags = variant_parts(label)
+        return cls(label, slots, "c" in flags, "f" in flags, "r" not in flags)
 
     def trainer(self, model: Any, train: LoraTrainConfig, **kwargs: Any) -> MultiSlotTrainer:
         """The trainer of this setting (gradient checkpointing is the caller's, on the model)."""

@@ -159,9 +159,14 @@ class _SplitLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        like = next(g for g in grads if g is not None)
-        full = [g if g is not None else like.new_zeros(*like.shape[:-1], n) for g, n in zip(grads, ctx.sizes)]
-        return torch.cat(full, dim=-1), None
+        return torch.cat(_zeros_for_missing(grads, ctx.sizes), dim=-1), None
+
+
+def _zeros_for_missing(grads: Sequence[torch.Tensor | None], widths: Sequence[int]) -> list[torch.Tensor]:
+    """Gradients of outputs split along the last dimension, zeros (of that output's width) for those no
+    later op used; at least one is present (autograd calls backward only then)."""
+    like = next(g for g in grads if g is not None)
+    return [g if g is not None else like.new_zeros(*like.shape[:-1], n) for g, n in zip(grads, widths)]
 
 
 class MultiSlotLinear(nn.Module):
@@ -205,14 +210,21 @@ class MultiSlotLinear(nn.Module):
         """Columns of both branches together."""
         return self.merged_A.shape[1] + self.lora_A.shape[1]
 
-    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both branches as one: A (S, R+r, in) and B (S, out, R+r) in ``dtype``, the scale in B."""
-        A, B = self.merged_A, self.merged_B
+    def branches(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The branches this layer carries, merged first: (A (S, k, in), B (S, out, k)), the trainable one
+        in ``dtype`` with the scale in B (the empty merged one when it carries none)."""
+        parts = [(self.merged_A, self.merged_B)] if self.merged_A.shape[1] or not self.lora_A.shape[1] else []
         if self.lora_A.shape[1]:
             a, b = self._trainable(dtype)
-            A = torch.cat([A, a], dim=1) if A.shape[1] else a
-            B = torch.cat([B, b * self.scale], dim=2) if B.shape[1] else b * self.scale
-        return A, B
+            parts.append((a, b * self.scale))
+        return parts
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both branches as one: A (S, R+r, in) and B (S, out, R+r) in ``dtype``, the scale in B."""
+        parts = self.branches(dtype)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([a for a, _ in parts], dim=1), torch.cat([b for _, b in parts], dim=2)
 
     def _trainable(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainable factors (A, B) in ``dtype``: this pass's bound views when they are of that dtype
@@ -293,14 +305,17 @@ class SharedInput:
         return slot_linear(x, self.weight, self.bias, A, B, router)
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (S, K, in): every member's columns side by side; B (S, sum out, K) block-diagonal."""
-        parts = [m.factors(dtype) for m in self.members]
-        A = torch.cat([a for a, _ in parts], dim=1)
+        """A (S, K, in): every member's branches side by side; B (S, sum out, K) block-diagonal. Each
+        branch is copied once, straight into place (not first joined per member)."""
+        per_member = [m.branches(dtype) for m in self.members]
+        A = torch.cat([a for parts in per_member for a, _ in parts], dim=1)
         B = A.new_zeros(A.shape[0], sum(self.sizes), A.shape[1])
         o = k = 0
-        for (_, b), n in zip(parts, self.sizes):
-            B[:, o:o + n, k:k + b.shape[2]] = b
-            o, k = o + n, k + b.shape[2]
+        for parts, n in zip(per_member, self.sizes):
+            for _, b in parts:
+                B[:, o:o + n, k:k + b.shape[2]] = b
+                k += b.shape[2]
+            o += n
         return A, B
 
 
@@ -478,10 +493,9 @@ class _FactorViews(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        like = next(g for g in grads if g is not None)
-        parts = [g.reshape(like.shape[0], -1) if g is not None else like.new_zeros(like.shape[0], b - a)
-                 for g, (a, b, _) in zip(grads, ctx.spans)]
-        flat = like.new_empty(like.shape[0], ctx.spans[-1][1], dtype=ctx.dtype)
+        rows = [g.reshape(g.shape[0], -1) if g is not None else None for g in grads]
+        parts = _zeros_for_missing(rows, [b - a for a, b, _ in ctx.spans])
+        flat = parts[0].new_empty(parts[0].shape[0], ctx.spans[-1][1], dtype=ctx.dtype)
         return torch.cat(parts, dim=1, out=flat), None, None  # cast while concatenating: no bf16 copy
 
 
