@@ -30,6 +30,7 @@ def test_bench_throughput_debug_size(tmp_path, capsys):
     assert abs(variants["2"]["mean_final_loss"] - variants["2r"]["mean_final_loss"]) < 1e-4
     assert result["speedup_users_per_hour"] > 0 and result["settings"]["train"]["rank"] == 4
     assert (tmp_path / "bench-throughput.config.yaml").is_file()
+    assert result["host"]["cpu"] and result["host"]["cores"] >= 1      # baselines from other machines compare by it
 
 
 def test_device_peaks():
@@ -52,6 +53,7 @@ def test_bench_scalability_debug_size(tmp_path):
     assert len(list(tmp_path.glob("scalability-tiny-*-p12.json"))) == 1
     assert len(list(tmp_path.glob("scalability-tiny-*-p24*.png"))) == 2           # Figure 2 and the Pareto plot
     result = json.loads(path.read_text())
+    assert result["host"]["cpu"] and result["host"]["cores"] >= 1
     systems = result["systems"]
     assert set(systems) == {"oppu", "oppu-multislot", "mta", "mta-qv-r2-e1", "mta-int8", "mta-merged-only"}
     # int8 trains like the paper recipe (its timing is reused) and stores a byte per value + 2 bf16 scales per rank

@@ -7,6 +7,7 @@ folded into W0, a new PEFT LoRA, AdamW, the Hugging Face loss over all logits).
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -28,6 +29,18 @@ def device_name() -> tuple[str, str]:
     if torch.cuda.is_available():
         return "cuda", torch.cuda.get_device_name()
     return "cpu", platform.processor() or "cpu"
+
+
+def host() -> dict[str, Any]:
+    """The host's CPU model and cores: one-user-at-a-time baselines issue many small kernels, so the host
+    sets part of their pace, and results from different lent machines need it to be compared."""
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count()}
 
 
 def device_peak(name: str) -> float | None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mta_ray.bench.common import (build_model, device_name, lora_params, measure, random_anchors, run_baseline,
+from mta_ray.bench.common import (build_model, device_name, host, lora_params, measure, random_anchors, run_baseline,
                                   synthetic_jobs, target_shapes, Variant)
 from mta_ray.config import Config, LoraTrainConfig, with_values
 from mta_ray.core.adaptive import AnchorRetriever
@@ -175,7 +175,8 @@ def _write_result(cfg: Config, tokens: int, device: str, bank: dict[str, Any], s
     """The result of the systems measured so far: JSON, Figure-2 plot and Pareto plot at ``stem``."""
     b = cfg.bench
     result = {
-        "benchmark": "scalability", "device": device, "gpus": 1, "torch": torch.__version__, "model": b.shape,
+        "benchmark": "scalability", "device": device, "host": host(), "gpus": 1, "torch": torch.__version__,
+        "model": b.shape,
         "settings": {"history_items": b.history_items, "prompt_tokens": tokens, "target_tokens": b.target_tokens,
                      "variant": b.variants[0], "anchors_per_user": b.anchors, "merge_space": cfg.merge.space,
                      "bank_users": b.bank_users, "bank": asdict(cfg.bank), "adapt": asdict(cfg.adapt),

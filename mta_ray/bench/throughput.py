@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mta_ray.bench.common import (build_model, device_name, device_peak, measure, param_counts, run_baseline, sync,
+from mta_ray.bench.common import (build_model, device_name, device_peak, host, measure, param_counts, run_baseline, sync,
                                   synthetic_jobs, Variant)
 from mta_ray.config import Config, LoraTrainConfig
 from mta_ray.engine.trainer import Job
@@ -91,7 +91,7 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
     best = max(ok, key=lambda x: x["users_per_hour"]) if ok else None
     fits = [x for x in ok if x["peak_gpu_gib"] <= b.memory_budget_gib] if device == "cuda" else []
     result = {
-        "benchmark": "throughput", "device": name, "device_peak_bf16_flops": peak_flops,
+        "benchmark": "throughput", "device": name, "host": host(), "device_peak_bf16_flops": peak_flops,
         "torch": torch.__version__, "model": b.shape if b.shape != "real" else cfg.model.base,
         "matmul_params": n_body + n_head,
         "settings": {**{k: getattr(b, k) for k in ("users", "baseline_users", "prompt_tokens", "target_tokens",
