@@ -132,3 +132,23 @@ def test_int8_storage_keeps_each_rank_component(tmp_path):
         roundtrip(lora, "fp4")
     assert bf16_twin("mta-int8") == "mta" and bf16_twin("mta-qv-r2-e2-int8") == "mta-qv-r2-e2"
     assert bf16_twin("mta-r2") == "mta-r2"
+
+def test_a_rerun_without_bank_sizes_keeps_the_earlier_curve_of_the_same_study(tmp_path):
+    """More profiles alone (``study.bank_folds=[]``) must not drop a committed bank-size curve; a report of
+    other settings must not lend its curve."""
+    from mta_ray.study.profiles import earlier_bank_size, render
+
+    result = {"task": "lamp2", "metric": "accuracy", "select": "fixed", "fixed_from": "r.json",
+              "chosen": {"adapt.lr": 1e-4, "merge.top_k": 2}, "protocols": {}, "bank_size": []}
+    row = {"folds": 4, "bank_users": 54.0, "methods": {"mta": {"metrics": {"accuracy": 0.25},
+                                                               "ci95": {"accuracy": [0.1, 0.4]}}}}
+    path = tmp_path / "profiles.json"
+    assert earlier_bank_size(path, result) == []                          # no earlier report
+    path.write_text(json.dumps({**result, "bank_size": [row]}))
+    kept = earlier_bank_size(path, result)
+    assert kept == [{**row, "from_earlier_run": True}]
+    assert "kept from an earlier run" in render({**result, "bank_size": kept}, [])
+    path.write_text(json.dumps({**result, "chosen": {"adapt.lr": 2e-3, "merge.top_k": 2}, "bank_size": [row]}))
+    assert earlier_bank_size(path, result) == []                          # other settings: not this curve
+    path.write_text("{not json")
+    assert earlier_bank_size(path, result) == []

@@ -50,10 +50,30 @@ def write_profiles(cfg: Config, out: Path, report_dir: Path, plan: dict) -> str:
     for n, entry in sorted((plan.get("bank_size") or {}).items(), key=lambda kv: int(kv[0])):
         runs = {m: _load(out / entry["out"], "paper", k) for m, k in entry["runs"].items()}
         result["bank_size"].append(bank_size_row(cfg, out / entry["out"], int(n), runs))
+    if not plan.get("bank_size"):
+        result["bank_size"] = earlier_bank_size(report_dir / PROFILES_FILE, result)
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report_dir / PROFILES_FILE, json.dumps(result, indent=1, default=str) + "\n")
     plots = [plot_bank_size(result, report_dir / "bank_size.png")] if result["bank_size"] else []
     return render(result, plots)
+
+
+SAME_STUDY_KEYS = ("task", "metric", "select", "fixed_from", "chosen")
+"""What an earlier ``profiles.json`` must share with this run for its bank-size rows to be kept."""
+
+
+def earlier_bank_size(path: Path, result: dict) -> list[dict]:
+    """The bank-size rows of the ``profiles.json`` at ``path`` when this run measured none and that file
+    comes from the same study settings: rerunning for more profiles alone (``study.bank_folds=[]``, minutes
+    on a GPU) keeps the curve (tens of minutes) instead of dropping it. Kept rows say so."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    ours = json.loads(json.dumps({k: result[k] for k in SAME_STUDY_KEYS}, default=str))
+    if any(earlier.get(k) != v for k, v in ours.items()):
+        return []
+    return [{**row, "from_earlier_run": True} for row in earlier.get("bank_size", [])]
 
 
 def _load(folder: Path, protocol: str, key: str) -> dict:
@@ -167,7 +187,10 @@ def render(result: dict, plots: list[str]) -> str:
     if result["bank_size"]:
         lines += ["## Quality against bank size", "",
                   "Paper protocol; a fold's users are tested with a bank built from the other folds' users, so "
-                  "more folds mean bigger banks (the clusters per bank stay `bank.num_clusters`).", "",
+                  "more folds mean bigger banks (the clusters per bank stay `bank.num_clusters`)."
+                  + (" These rows are kept from an earlier run of this report with the same settings (this run "
+                     "measured no bank sizes)." if any(r.get("from_earlier_run") for r in result["bank_size"])
+                     else ""), "",
                   f"| folds | bank users | merged-only | MTA | adapt-only | MTA - adapt-only | MTA - merged-only |",
                   "| ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for r in result["bank_size"]:
