@@ -14,8 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_throughput_debug_size(tmp_path, capsys):
     code = main(["bench", "throughput", str(ROOT / "configs/bench/throughput-8b.yaml"), "--out", str(tmp_path),
                  "bench.shape=tiny", "bench.users=6", "bench.baseline_users=2", "bench.prompt_tokens=24",
-                 "bench.history_items=3", "bench.variants=[2, 3f, 2r]"])
+                 "bench.history_items=3", "bench.variants=[2, 3f, 2r]", "--profile"])
     assert code == 0
+    profile = (tmp_path / "profile.txt").read_text()          # the best variant's ops, then by input shape
+    assert "aten::mm" in profile and "By input shape:" in profile and "[[" in profile.split("By input shape:")[1]
     (path,) = tmp_path.glob("throughput-tiny-*.json")
     result = json.loads(path.read_text())
     base = result["baseline_peft_one_at_a_time"]

@@ -156,12 +156,15 @@ def _profile(model: Any, cfg: Config, device: str, variant: Variant, merged_rank
     trainer = variant.trainer(model, cfg.adapt, merged_rank=merged_rank, seed=cfg.seed,
                               merged_targets=cfg.bank.target_modules)
     try:
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, record_shapes=True) as prof:
             trainer.run(jobs)
             sync(device)
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=40)
-        atomic_write_text(out / "profile.txt", table)
+        # the same ops by input shape: which layer's copy or matmul the time is (what the next kernel targets)
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=60,
+                                                                      max_shapes_column_width=100)
+        atomic_write_text(out / "profile.txt", table + "\n\nBy input shape:\n" + by_shape)
         print(table[:6000], flush=True)
     finally:
         trainer.close()
