@@ -524,3 +524,41 @@ def test_killing_the_driver_leaves_no_ray_process(tmp_path, capsys):
     left = [p for p in watched | session_processes(session) if alive(p)]
     log = Path(session) / "logs" / "mta_ray_reaper.log"
     assert not left, (left, log.read_text() if log.is_file() else "no watcher log")
+
+
+@pytest.mark.slow
+def test_a_worker_a_clean_shutdown_leaves_running_is_ended(tmp_path):
+    """Ray 2.60 left a ``ray::TrainController`` running, orphaned, after a clean shutdown. Here a process
+    naming the session folder starts a child that does not, then exits (as the raylet does): the watcher,
+    having seen the child, ends it once the session's named processes are gone; the driver is untouched."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mta_ray.engine.reaper import alive
+
+    session = tmp_path / "session_2026-01-01_00-00-00_000000_1"
+    (session / "logs").mkdir(parents=True)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
+    driver = subprocess.Popen(sleeper)
+    named = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              "print(subprocess.Popen(sys.argv[2:]).pid, flush=True); time.sleep(300)",
+                              str(session), *sleeper], stdout=subprocess.PIPE, text=True)
+    orphan = int(named.stdout.readline())
+    watcher = subprocess.Popen([sys.executable, "-m", "mta_ray.engine.reaper", str(driver.pid), str(session)],
+                               cwd=ROOT)
+    try:
+        time.sleep(3)                       # the watcher has seen both
+        os.kill(named.pid, signal.SIGKILL)  # the "raylet" is gone; its child lives on, orphaned
+        named.wait()
+        watcher.wait(timeout=60)
+        log = (session / "logs" / "mta_ray_reaper.log").read_text()
+        assert not alive(orphan), log
+        assert f"clean shutdown left [{orphan}] running" in log and "the session has no process left" in log
+        assert driver.poll() is None        # not the session's: never touched
+    finally:
+        for p in (driver, watcher):
+            p.kill()
+        if alive(orphan):
+            os.kill(orphan, signal.SIGKILL)

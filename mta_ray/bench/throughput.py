@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from mta_ray.bench.common import (build_model, device_name, device_peak, host, measure, param_counts, run_baseline, sync,
-                                  synthetic_jobs, Variant)
+from mta_ray.bench.common import (build_model, device_name, device_peak, host, measure, param_counts, run_baseline,
+                                  sync, synthetic_jobs, Variant)
 from mta_ray.config import Config, LoraTrainConfig
 from mta_ray.engine.trainer import Job
 from mta_ray.files.atomic import atomic_write_text, slug

@@ -5,7 +5,8 @@ gone (killed, crashed: no ``ray.shutdown`` ran), it ends every process of that R
 command line names the session's folder (GCS, raylet, dashboard, monitors, agents) and all their
 descendants (workers, runtime-env and dashboard agents), SIGTERM first, SIGKILL after a grace period.
 It never touches another session's processes (no ``ray stop``). It exits on its own once the session
-has no process left (after a clean ``ray.shutdown``).
+has no process left (after a clean ``ray.shutdown``), ending first any worker it saw that the shutdown
+left running.
 
 Run (by ``init_ray``): ``python -m mta_ray.engine.reaper DRIVER_PID SESSION_DIR``.
 """
@@ -29,6 +30,14 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, it names one process, not a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -94,21 +103,42 @@ def _log(session_dir: str, text: str) -> None:
 
 
 def watch(driver: int, session_dir: str) -> None:
-    """Poll the driver; remember the session's processes as they appear; end them when the driver dies."""
+    """Poll the driver; remember the session's processes as they appear; end them when the driver dies.
+
+    After a clean ``ray.shutdown`` (the session's named processes gone), a remembered worker may still be
+    alive, orphaned: Ray 2.60's ``TrainController`` was seen to finish its shutdown and never exit. Those
+    are ended too, after a grace period to exit on their own."""
     _log(session_dir, f"watching driver {driver}")
-    polls, known = 0, set()
+    polls, known = 0, {}
     while alive(driver):
         time.sleep(POLL_S)
         polls += 1
         if polls < 120 or polls % 4 == 0:  # often while Ray starts its agents, then every 2 s
             current = session_processes(session_dir, exclude=driver)
+            known = {p: t for p, t in known.items() if start_time(p) == t}
+            known.update({p: start_time(p) for p in current if p not in known})
             if polls >= 20 and not current:
+                _end_orphans(session_dir, known)
                 _log(session_dir, "the session has no process left: done")
-                return  # the driver shut its Ray down cleanly: nothing to watch
-            known = {p for p in known if alive(p)} | current
+                return  # the driver shut its Ray down cleanly: nothing more to watch
     _log(session_dir, f"driver {driver} is gone: ending {sorted(known)}")
-    left = end_session(session_dir, known)
+    left = end_session(session_dir, _still(known))
     _log(session_dir, f"{left} processes left")
+
+
+def _still(known: dict[int, str | None]) -> set[int]:
+    """The remembered processes still alive (the same processes: pid and start time)."""
+    return {p for p, t in known.items() if t is not None and start_time(p) == t and alive(p)}
+
+
+def _end_orphans(session_dir: str, known: dict[int, str | None]) -> None:
+    """End the remembered processes a clean shutdown left behind, once they had ``GRACE_S`` to exit."""
+    deadline = time.time() + GRACE_S
+    while time.time() < deadline and _still(known):
+        time.sleep(0.1)
+    if orphans := _still(known):
+        _log(session_dir, f"clean shutdown left {sorted(orphans)} running: ending them")
+        _log(session_dir, f"{end_session(session_dir, orphans)} processes left")
 
 
 if __name__ == "__main__":
