@@ -23,35 +23,38 @@ POLL_S = 0.5
 GRACE_S = 3.0
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name (state first, then the parent's pid, ...;
+    start time at 19); empty if the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
 
 
 def start_time(pid: int) -> str | None:
     """The process's start time (clock ticks since boot): with the pid, it names one process, not a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process we can see."""
     out = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or len(fields := _stat(entry)) < 2:
             continue
         try:
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue
-        out[int(entry)] = (ppid, cmd)
+        out[int(entry)] = (int(fields[1]), cmd)
     return out
 
 
@@ -127,8 +130,9 @@ def watch(driver: int, session_dir: str) -> None:
 
 
 def _still(known: dict[int, str | None]) -> set[int]:
-    """The remembered processes still alive (the same processes: pid and start time)."""
-    return {p for p, t in known.items() if t is not None and start_time(p) == t and alive(p)}
+    """The remembered processes still alive (the same processes: pid and start time); one read each."""
+    return {p for p, t in known.items()
+            if t is not None and len(f := _stat(p)) > 19 and f[19] == t and f[0] not in ("Z", "X")}
 
 
 def _end_orphans(session_dir: str, known: dict[int, str | None]) -> None:

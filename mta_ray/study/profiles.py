@@ -185,12 +185,12 @@ def render(result: dict, plots: list[str]) -> str:
                          + (f"{r['fidelity']['same_outputs']:.3f}" if "fidelity" in r else "") + " |")
         lines.append("")
     if result["bank_size"]:
+        kept = any(r.get("from_earlier_run") for r in result["bank_size"])
         lines += ["## Quality against bank size", "",
                   "Paper protocol; a fold's users are tested with a bank built from the other folds' users, so "
                   "more folds mean bigger banks (the clusters per bank stay `bank.num_clusters`)."
                   + (" These rows are kept from an earlier run of this report with the same settings (this run "
-                     "measured no bank sizes)." if any(r.get("from_earlier_run") for r in result["bank_size"])
-                     else ""), "",
+                     "measured no bank sizes)." if kept else ""), "",
                   f"| folds | bank users | merged-only | MTA | adapt-only | MTA - adapt-only | MTA - merged-only |",
                   "| ---: | ---: | ---: | ---: | ---: | --- | --- |"]
         for r in result["bank_size"]:
