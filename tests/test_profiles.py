@@ -152,3 +152,30 @@ def test_a_rerun_without_bank_sizes_keeps_the_earlier_curve_of_the_same_study(tm
     assert earlier_bank_size(path, result) == []                          # other settings: not this curve
     path.write_text("{not json")
     assert earlier_bank_size(path, result) == []
+
+
+def test_a_kept_curve_is_shown_next_to_this_runs_scores_of_the_same_setting():
+    """Two runs of one setting differ (GPU training is not bit-reproducible): the report must put the kept
+    row of its own fold count beside this run's scores, not leave two numbers for one setting unexplained."""
+    from mta_ray.study.profiles import kept_vs_this_run, render
+
+    def score(x):
+        return {"metrics": {"accuracy": x}, "ci95": {"accuracy": [x - 0.1, x + 0.1]}}
+
+    kept = [{"folds": 2, "bank_users": 36.0, "from_earlier_run": True,
+             "methods": {"merged_only": score(0.2222), "mta": score(0.25), "adapt_only": score(0.2917)}},
+            {"folds": 4, "bank_users": 54.0, "from_earlier_run": True, "methods": {"mta": score(0.139)}}]
+    systems = {"mta": {"method": "mta", **score(0.2222)}, "mta-qv": {"method": "mta", **score(0.3)},
+               "mta-merged-only": {"method": "merged_only", **score(0.2222)},
+               "adapt_only": {"method": "adapt_only", **score(0.2917)}, "oppu": {"method": "oppu", **score(0.11)}}
+    result = {"task": "lamp2", "metric": "accuracy", "select": "fixed", "fixed_from": "", "chosen": {},
+              "protocols": {"paper": {"systems": systems}}, "bank_size": kept}
+    drift = kept_vs_this_run(result, folds=2)
+    assert drift == {"folds": 2, "methods": {"merged_only": {"this_run": 0.2222, "kept": 0.2222},
+                                             "mta": {"this_run": 0.2222, "kept": 0.25},    # the paper recipe, not a profile
+                                             "adapt_only": {"this_run": 0.2917, "kept": 0.2917}}}
+    text = render({**result, "protocols": {}, "kept_vs_this_run": drift}, [])
+    assert "mta 0.2222 (kept row 0.2500)" in text
+    assert kept_vs_this_run(result, folds=8) == {}                        # no kept row of this run's fold count
+    measured = [{**r, "from_earlier_run": False} for r in kept]
+    assert kept_vs_this_run({**result, "bank_size": measured}, folds=2) == {}   # rows of this run: nothing to say

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from mta_ray.config import Config
-from mta_ray.core.methods import ABLATIONS, AROUND_MTA, PER_USER_BASELINES, method
+from mta_ray.core.methods import ABLATIONS, AROUND_MTA, PER_USER_BASELINES, PROPOSED, method
 from mta_ray.core.metrics import primary_metric
 from mta_ray.core.profiles import ANCHOR_RECORD_BYTES, PAPER, PROFILES, bf16_twin
 from mta_ray.core.tasks import get_task
@@ -52,6 +52,7 @@ def write_profiles(cfg: Config, out: Path, report_dir: Path, plan: dict) -> str:
         result["bank_size"].append(bank_size_row(cfg, out / entry["out"], int(n), runs))
     if not plan.get("bank_size"):
         result["bank_size"] = earlier_bank_size(report_dir / PROFILES_FILE, result)
+        result["kept_vs_this_run"] = kept_vs_this_run(result, cfg.study.folds)
     report_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(report_dir / PROFILES_FILE, json.dumps(result, indent=1, default=str) + "\n")
     plots = [plot_bank_size(result, report_dir / "bank_size.png")] if result["bank_size"] else []
@@ -74,6 +75,24 @@ def earlier_bank_size(path: Path, result: dict) -> list[dict]:
     if any(earlier.get(k) != v for k, v in ours.items()):
         return []
     return [{**row, "from_earlier_run": True} for row in earlier.get("bank_size", [])]
+
+
+def kept_vs_this_run(result: dict, folds: int) -> dict[str, Any]:
+    """The kept row of this run's own fold count next to this run's paper-protocol scores of the same
+    methods (same settings, same bank size): how far two runs of one setting differ, which the kept curve
+    must be read with. Empty when no such row was kept."""
+    row = next((r for r in result["bank_size"] if r.get("from_earlier_run") and r["folds"] == folds), None)
+    systems = result["protocols"].get("paper", {}).get("systems", {})
+    metric = result["metric"]
+    now = {PROPOSED: systems[PAPER]["metrics"][metric]} if PAPER in systems else {}
+    for r in systems.values():
+        if r["method"] in ABLATIONS:
+            now.setdefault(r["method"], r["metrics"][metric])
+    if row is None:
+        return {}
+    pairs = {m: {"this_run": now[m], "kept": row["methods"][m]["metrics"][metric]}
+             for m in AROUND_MTA if m in now and m in row["methods"]}
+    return {"folds": folds, "methods": pairs} if pairs else {}
 
 
 def _load(folder: Path, protocol: str, key: str) -> dict:
@@ -162,6 +181,15 @@ def _ci(c: list[float]) -> str:
     return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
 
 
+def _kept_vs_this_run_line(drift: dict) -> list[str]:
+    if not drift:
+        return []
+    same = ", ".join(f"{m} {v['this_run']:.4f} (kept row {v['kept']:.4f})" for m, v in drift["methods"].items())
+    return [f"The same setting in this run ({drift['folds']} folds, the profile table above): {same}. A difference "
+            "is the variation between two runs of one setting (GPU training is not bit-reproducible, and the code "
+            "may have changed between the runs): read the kept curve with it.", ""]
+
+
 def render(result: dict, plots: list[str]) -> str:
     """The markdown section appended to ``report.md``."""
     metric = result["metric"]
@@ -201,6 +229,7 @@ def render(result: dict, plots: list[str]) -> str:
                     for k in ("mta_vs_adapt_only", "mta_vs_merged_only")]
             lines.append(f"| {r['folds']} | {r['bank_users']:.0f} | " + " | ".join(cells + gaps) + " |")
         lines.append("")
+        lines += _kept_vs_this_run_line(result.get("kept_vs_this_run") or {})
     lines += [f"![{p}]({p})" for p in plots] + ([""] if plots else [])
     return "\n".join(lines)
 
