@@ -246,16 +246,16 @@ class RayConfig:
     the caching allocator live as on a smaller one (42 = a 48 GB card with room for the CUDA context)."""
 
 
-VARIANT_FLAGS = "cfr"
-"""Suffixes of a benchmark variant (``BenchConfig.variants``): c, f, r."""
+VARIANT_FLAGS = "cfrt"
+"""Suffixes of a benchmark variant (``BenchConfig.variants``): c, f, r, t."""
 
 
 def variant_parts(label: str) -> tuple[int, str]:
     """A multi-slot variant's slot count and suffixes (``12cf`` -> (12, "cf")); ValueError if malformed."""
     count = label.rstrip(VARIANT_FLAGS)
     if not count.isdigit() or int(count) < 1:
-        raise ValueError(f"bad variant {label!r}: a slot count, optionally with 'c', 'f' and/or 'r' "
-                         f"(e.g. 8, 32cf, 16fr)")
+        raise ValueError(f"bad variant {label!r}: a slot count, optionally with 'c', 'f', 'r' and/or 't' "
+                         f"(e.g. 8, 32cf, 16fr, 16ft)")
     return int(count), label[len(count):]
 
 
@@ -278,7 +278,8 @@ class BenchConfig:
     variants: list[str] = field(default_factory=lambda: ["8"])
     """Multi-slot variants: slot count; suffix ``c`` = gradient checkpointing, ``f`` = fused kernels,
     ``r`` = the reference LoRA path (each linear on its own, factors gathered per row: the engine before
-    shared inputs), e.g. ``8``, ``8f``, ``32cf``, ``16fr``."""
+    shared inputs), ``t`` = the LoRA branches by Triton kernels (``lora_kernel=triton``), e.g. ``8``,
+    ``8f``, ``32cf``, ``16fr``, ``16ft``."""
     memory_budget_gib: float = 44.0
     """Peak GPU memory allowed for the single-48-GB-GPU configuration."""
     scalability_users: list[int] = field(default_factory=lambda: [10, 100, 1000, 5000])

@@ -8,11 +8,14 @@ diagonal up-projection added in place), and per slot rather than per row when ro
 import pytest
 import torch
 
-from mta_ray.engine.multilora import (SlotRouter, _concatenated, equal_runs, inject, restore, set_merged,
+from mta_ray.engine import lora_kernels
+from mta_ray.engine.multilora import (SlotRouter, _concatenated, equal_runs, inject, lora_ops, restore, set_merged,
                                       set_stacked, slot_linear, slot_linear_backward, target_module_names)
 from tests.tiny import random_lora, tiny_llama, tiny_qwen2
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+KERNELS = ["bmm"] + (["triton"] if lora_kernels.available() else [])
+"""How the LoRA branches are computed (``lora_kernel``): every path below must hold with each."""
 
 
 def _reference(x, rows, W, b, A, B):
@@ -24,9 +27,10 @@ def _reference(x, rows, W, b, A, B):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(4))
-def test_slot_linear_matches_the_formula_with_its_gradients(device, seed):
+def test_slot_linear_matches_the_formula_with_its_gradients(device, seed, kernel):
     """Random shapes; runs of equal length (some slots hold no row) and the same rows routed row by row."""
     g = torch.Generator().manual_seed(seed)
     S, per_run, T, d_in, d_out, K = 5, int(torch.randint(1, 4, (1,), generator=g)), 7, 24, 40, 6
@@ -50,6 +54,7 @@ def test_slot_linear_matches_the_formula_with_its_gradients(device, seed):
     for router_runs in (torch.tensor(runs, device=device), None):
         router = SlotRouter()
         router.route(rows, router_runs, length)
+        router.ops = lora_ops(kernel)
         got, got_grads = grads(lambda x, A, B: slot_linear(x, W, b, A, B, router))
         assert torch.allclose(got, want, atol=1e-10)
         for g_got, g_want in zip(got_grads, want_grads):
@@ -112,8 +117,9 @@ def test_concatenated_weights_become_views_and_are_reused():
     assert again.data_ptr() == whole.data_ptr()                             # back to back already: no copy
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("seed", range(3))
-def test_hand_written_backward_matches_autograd(seed):
+def test_hand_written_backward_matches_autograd(seed, kernel):
     """``slot_linear_backward`` (used where the input is recomputed, not kept) against autograd."""
     g = torch.Generator().manual_seed(seed)
     S, T, d_in, d_out, K = 4, 5, 16, 12, 3
@@ -126,6 +132,7 @@ def test_hand_written_backward_matches_autograd(seed):
     router = SlotRouter()
     runs = equal_runs(rows.tolist())
     router.route(rows, torch.tensor(runs[0]) if runs else None, runs[1] if runs else 0)
+    router.ops = lora_ops(kernel)
     slot_linear(x, W, None, A, B, router).backward(dy)
     dx, dA, dB = slot_linear_backward(dy, x.detach(), W, A.detach(), B.detach(), router)
     for got, want in ((dx, x.grad), (dA, A.grad), (dB, B.grad)):
@@ -135,7 +142,8 @@ def test_hand_written_backward_matches_autograd(seed):
 @pytest.mark.parametrize("targets,compiled,checkpointing", [
     (("all-linear",), False, False), (("q_proj", "v_proj"), False, False), (("all-linear",), False, True),
     pytest.param(("all-linear",), True, False, marks=pytest.mark.slow)])
-def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, checkpointing, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, checkpointing, kernel, monkeypatch):
     """The fused model (gate/up as one GEMM; the down projection's input and the normed inputs of q/k/v
     and gate/up recomputed in backward, not kept) computes the logits and factor gradients of the plain
     multi-slot model, eager or compiled (as on a GPU), with activation checkpointing too (the recomputed
@@ -157,6 +165,7 @@ def test_fused_gated_mlp_keeps_logits_and_gradients(targets, compiled, checkpoin
             model.train()  # transformers checkpoints only in training mode (the tiny models have no dropout)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         router.route(torch.tensor([2, 2, 0, 0]), torch.tensor([2, 0]), 2)
+        router.ops = lora_ops(kernel if fused else "bmm")   # the plain model on the reference path
         emb = model.get_input_embeddings()(ids).detach().requires_grad_()
         logits = model(inputs_embeds=emb).logits
         logits.square().sum().backward()

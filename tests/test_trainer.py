@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mta_ray.config import LoraTrainConfig
 from mta_ray.core.lora import LoraPair, delta, fold_into, merge_delta, peft_target_modules
+from mta_ray.engine import lora_kernels
 from mta_ray.engine.multilora import target_module_names
 from mta_ray.engine.trainer import Example, Job, MultiSlotTrainer, epoch_order, lr_multiplier, plan_windows, user_seed
 from tests.tiny import random_lora, tiny_llama
@@ -100,11 +101,12 @@ def references():
     return {job.user_id: _train_alone_with_peft(job, CFG) for job in _jobs()}
 
 
-@pytest.mark.parametrize("slots,max_rows", [(3, 0), (2, 0), (1, 0), (3, 1)])
-def test_slots_train_like_plain_peft_alone(slots, max_rows, references):
+@pytest.mark.parametrize("slots,max_rows,kernel", [(3, 0, "bmm"), (2, 0, "bmm"), (1, 0, "bmm"), (3, 1, "bmm")]
+                         + ([(3, 0, "triton"), (2, 0, "triton")] if lora_kernels.available() else []))
+def test_slots_train_like_plain_peft_alone(slots, max_rows, kernel, references):
     """3 users with 3/5/8 items; with 2 or 1 slots, slots are refilled mid-run; max_rows=1 splits
-    every iteration into one pass per sequence."""
-    trainer = MultiSlotTrainer(tiny_llama(), CFG, slots=slots, merged_rank=8, max_rows=max_rows)
+    every iteration into one pass per sequence; the LoRA branches by batched matmuls or Triton kernels."""
+    trainer = MultiSlotTrainer(tiny_llama(), CFG, slots=slots, merged_rank=8, max_rows=max_rows, lora_kernel=kernel)
     results = {r.user_id: r for r in trainer.run(_jobs())}
     assert set(results) == {"user0", "user1", "user2"}
     for user, (want_lora, want_losses) in references.items():

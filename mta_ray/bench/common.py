@@ -171,24 +171,26 @@ def lora_params(model: Any, targets: list[str], rank: int) -> int:
 @dataclass(frozen=True)
 class Variant:
     """A multi-slot trainer setting the benchmarks measure (``bench.variants``): ``12cf`` = 12 slots,
-    gradient checkpointing, fused kernels; ``r``: the reference LoRA path, not the shared-input one."""
+    gradient checkpointing, fused kernels; ``r``: the reference LoRA path, not the shared-input one;
+    ``t``: the LoRA branches by Triton kernels."""
 
     label: str
     slots: int
     checkpointing: bool
     fused: bool
     shared_inputs: bool
+    lora_kernel: str = "bmm"
 
     @classmethod
     def parse(cls, label: str) -> "Variant":
         slots, flags = variant_parts(label)
-        return cls(label, slots, "c" in flags, "f" in flags, "r" not in flags)
+        return cls(label, slots, "c" in flags, "f" in flags, "r" not in flags, "triton" if "t" in flags else "bmm")
 
     def trainer(self, model: Any, train: LoraTrainConfig, **kwargs: Any) -> MultiSlotTrainer:
         """The trainer of this setting (gradient checkpointing is the caller's, on the model)."""
         return MultiSlotTrainer(model, train, slots=self.slots, fused=self.fused,
-                                shared_inputs=self.shared_inputs, **kwargs)
+                                shared_inputs=self.shared_inputs, lora_kernel=self.lora_kernel, **kwargs)
 
     def describe(self) -> dict[str, Any]:
         return {"variant": self.label, "slots": self.slots, "gradient_checkpointing": self.checkpointing,
-                "fused": self.fused, "shared_inputs": self.shared_inputs}
+                "fused": self.fused, "shared_inputs": self.shared_inputs, "lora_kernel": self.lora_kernel}

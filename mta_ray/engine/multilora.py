@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mta_ray.core.lora import Lora, LoraPair, adapts_all_linear
+from mta_ray.engine import lora_kernels
 
 # Autograd adds each factor's gradient in place into its view of the flat gradient (FlatFactors); a
 # strided view cannot meet autograd's gradient "layout contract", which costs only the speed of that add.
@@ -46,6 +47,7 @@ class SlotRouter:
         self.rows: torch.Tensor | None = None  # (N,) long, or None = base model only
         self.runs: torch.Tensor | None = None  # (G,) slot of each run when rows are G equal runs, else None
         self.per_run = 0                       # rows in each run
+        self.ops: BranchOps = BMM_OPS          # how the LoRA branches are computed (see lora_ops)
 
     def route(self, rows: torch.Tensor | None, runs: torch.Tensor | None = None, per_run: int = 0) -> None:
         """Route rows to slots; ``runs``/``per_run``: the same rows as ``len(runs)`` consecutive runs of
@@ -89,12 +91,13 @@ def slot_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     xs, A, B, _ = _per_slot(x3, A, B, router)
     y = F.linear(xs, weight, bias)
     if A.shape[1]:
+        ops = router.ops
         recompute = getattr(x, RECOMPUTE, None)
         if recompute is not None and torch.is_grad_enabled() and A.requires_grad:
-            h = _RecomputedDown.apply(xs, A, *recompute)                            # (G, p*T, K)
+            h = _RecomputedDown.apply(xs, A, ops, *recompute)                       # (G, p*T, K)
         else:
-            h = torch.bmm(xs, A.transpose(1, 2))
-        y.baddbmm_(h, B.transpose(1, 2))
+            h = ops.down(xs, A)
+        y = ops.up_add_(y, h, B)
     y = y.reshape(*x3.shape[:2], -1)
     return y.squeeze(1) if squeeze else y
 
@@ -112,20 +115,20 @@ class _RecomputedDown(torch.autograd.Function):
     and restores them like any other saved tensor."""
 
     @staticmethod
-    def forward(ctx, xs: torch.Tensor, A: torch.Tensor, fn: Callable, *args):
+    def forward(ctx, xs: torch.Tensor, A: torch.Tensor, ops: "BranchOps", fn: Callable, *args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         ctx.save_for_backward(A, *tensors)
-        ctx.fn, ctx.shape = fn, xs.shape
+        ctx.ops, ctx.fn, ctx.shape = ops, fn, xs.shape
         ctx.rest = args[len(tensors):]
-        return torch.bmm(xs, A.transpose(1, 2))
+        return ops.down(xs, A)
 
     @staticmethod
     def backward(ctx, dh):
         A, *tensors = ctx.saved_tensors
-        dx = torch.bmm(dh, A) if ctx.needs_input_grad[0] else None
+        dx = ctx.ops.up(dh, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None   # dh A
         with torch.no_grad():
             xs = ctx.fn(*tensors, *ctx.rest).reshape(ctx.shape)
-        return (dx, torch.bmm(dh.transpose(1, 2), xs), None, *[None] * (len(tensors) + len(ctx.rest)))
+        return (dx, torch.bmm(dh.transpose(1, 2), xs), None, None, *[None] * (len(tensors) + len(ctx.rest)))
 
 
 def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, A: torch.Tensor,
@@ -137,12 +140,95 @@ def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     dx = torch.matmul(dys, weight)                                                  # (G, p*T, in)
     dA, dB = torch.zeros_like(A), torch.zeros_like(B)
     if As.shape[1]:
-        h = torch.bmm(xs, As.transpose(1, 2))
-        dh = torch.bmm(dys, Bs)                                                     # (G, p*T, K)
-        dx.baddbmm_(dh, As)
+        ops = router.ops
+        h = ops.down(xs, As)
+        dh = ops.down(dys, Bs.transpose(1, 2))                                      # dys Bs: (G, p*T, K)
+        ops.up_add_(dx, dh, As.transpose(1, 2))                                     # dx += dh As
         dA.index_add_(0, index, torch.bmm(dh.transpose(1, 2), xs))
         dB.index_add_(0, index, torch.bmm(dys.transpose(1, 2), h))
     return dx.reshape(x.shape), dA, dB
+
+
+class BranchOps:
+    """How the LoRA branches are computed, per group g (slot or row): ``down(x, A) = x A^T`` (G, M, in) x
+    (G, K, in) -> (G, M, K); ``up_add_(y, h, B)``: ``y += h B^T`` in place, B (G, out, K), returns y;
+    ``up(h, B) = h B^T``. The reference: torch's batched matmuls, differentiated by autograd as they are."""
+
+    name = "bmm"
+
+    @staticmethod
+    def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, A.transpose(1, 2))
+
+    @staticmethod
+    def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return y.baddbmm_(h, B.transpose(1, 2))
+
+    @staticmethod
+    def up(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(h, B.transpose(1, 2))
+
+
+class TritonBranchOps(BranchOps):
+    """The same operations by the kernels of :mod:`mta_ray.engine.lora_kernels` (factor gradients stay
+    batched matmuls: they reduce over rows into a small matrix)."""
+
+    name = "triton"
+
+    @staticmethod
+    def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return _KernelDown.apply(x, A)
+
+    @staticmethod
+    def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return _KernelUpAdd.apply(y, h, B)
+
+    @staticmethod
+    def up(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return lora_kernels.up(h, B)
+
+
+class _KernelDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, A)
+        return lora_kernels.down(x, A)
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, A = ctx.saved_tensors
+        dx = lora_kernels.up(dh, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dA = torch.bmm(dh.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return dx, dA
+
+
+class _KernelUpAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(h, B)
+        return lora_kernels.up_add_(y, h, B)
+
+    @staticmethod
+    def backward(ctx, dy):
+        h, B = ctx.saved_tensors
+        dh = lora_kernels.down(dy, B.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        dB = torch.bmm(dy.transpose(1, 2), h) if ctx.needs_input_grad[2] else None
+        return dy, dh, dB
+
+
+BMM_OPS = BranchOps()
+LORA_OPS = {ops.name: ops for ops in (BMM_OPS, TritonBranchOps())}
+"""``lora_kernel`` names: ``bmm`` (the reference) and ``triton`` (measured before it becomes a default)."""
+
+
+def lora_ops(name: str) -> BranchOps:
+    """The branch ops of a ``lora_kernel`` name; ``triton`` needs the triton package (CUDA torch has it)."""
+    if name not in LORA_OPS:
+        raise ValueError(f"lora_kernel must be one of {sorted(LORA_OPS)}, not {name!r}")
+    if name == "triton" and not lora_kernels.available():
+        raise ValueError("lora_kernel=triton needs the triton package (pip install triton)")
+    return LORA_OPS[name]
 
 
 class _SplitLast(torch.autograd.Function):

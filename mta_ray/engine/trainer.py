@@ -25,7 +25,7 @@ from mta_ray.config import LoraTrainConfig
 from mta_ray.core.lora import Lora
 from mta_ray.core.optim import adamw_coefficients, adamw_rows_
 from mta_ray.engine.fused import apply_fused
-from mta_ray.engine.multilora import FlatFactors, equal_runs, inject, restore, set_merged, set_stacked
+from mta_ray.engine.multilora import FlatFactors, equal_runs, inject, lora_ops, restore, set_merged, set_stacked
 
 IGNORE = -100
 
@@ -151,7 +151,7 @@ class MultiSlotTrainer:
     def __init__(self, model: nn.Module, cfg: LoraTrainConfig, slots: int, merged_rank: int = 0,
                  pad_id: int = 0, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  fused: bool | None = None, max_rows: int = 0, merged_targets: Sequence[str] | None = None,
-                 shared_inputs: bool = True):
+                 shared_inputs: bool = True, lora_kernel: str = "bmm"):
         """``fused``: swap in compiled RMSNorm/SiLU-mul/rotary kernels (default: on CUDA only).
 
         ``max_rows``: most sequences in one forward/backward (0 = all busy slots at once); busy slots
@@ -164,6 +164,9 @@ class MultiSlotTrainer:
         ``shared_inputs``: q/k/v and gate/up computed together, factors per slot and cast once per pass (the
         engine's path); False keeps the reference path (each linear on its own, factors gathered per row
         and cast per layer), which the benchmark measures beside it.
+
+        ``lora_kernel``: ``bmm`` (torch's batched matmuls) or ``triton`` (:mod:`mta_ray.engine.lora_kernels`)
+        for the LoRA branches' down- and up-projections.
         """
         self.model, self.cfg, self.slots, self.pad_id, self.seed = model, cfg, slots, pad_id, seed
         self.max_rows = max_rows
@@ -172,6 +175,7 @@ class MultiSlotTrainer:
         self.shared_inputs = shared_inputs
         self.router, self.layers = inject(model, cfg.target_modules, slots, cfg.rank, merged_rank,
                                           cfg.alpha / cfg.rank, cfg.dropout, merged_targets, shared_inputs)
+        self.router.ops = lora_ops(lora_kernel)
         self.factors = FlatFactors(self.layers)
         """Every slot's trainable factors (and gradients) as one (S, P) row each: the optimizer's unit."""
         self.compute_dtype = next(iter(self.layers.values())).merged_A.dtype  # the base weights' dtype
