@@ -1,6 +1,6 @@
 """Triton kernels for the multi-slot LoRA branches: the down-projection and the in-place up-projection.
 
-The reference path (``torch.bmm`` / ``baddbmm_``) ran the branches at 14.6% of GPU time on the 8B shape
+The reference path (``torch.bmm`` / ``baddbmm_``) ran the branches at 14.7% of GPU time on the 8B shape
 (``bench/results/profile-llama3-8b-h100-shared-16f.txt``): ``baddbmm_`` averaged 484 us a call, about
 twice what streaming its full-width output once in and once out takes at those shapes (an estimate from
 the shapes). These kernels are written for the shapes of LoRA branches: the inner dimension of the
@@ -37,11 +37,14 @@ if triton is not None:
     def _up_add(y_ptr, h_ptr, b_ptr, M, N, K, sy_g, sy_m, sy_n, sh_g, sh_m, sh_k, sb_g, sb_n, sb_k,
                 ACCUMULATE: tl.constexpr, DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, KP: tl.constexpr):
-        """y[g, m, n] (+)= sum_k h[g, m, k] B[g, n, k] for one (BM x BN) tile of y."""
-        pid, g = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
+        """y[g, m, n] (+)= sum_k h[g, m, k] B[g, n, k] for one (BM x BN) tile of y; every (group, tile) is
+        one program of a 1-d grid (a grid's second axis stops at 65,535)."""
         n_blocks = (N + BN - 1) // BN
-        om = (pid // n_blocks) * BM + tl.arange(0, BM)
-        on = (pid % n_blocks) * BN + tl.arange(0, BN)
+        tiles = (M + BM - 1) // BM * n_blocks
+        pid = tl.program_id(0).to(tl.int64)       # int64 offsets throughout: batches past 2**31 elements
+        g, t = pid // tiles, pid % tiles
+        om = (t // n_blocks) * BM + tl.arange(0, BM)
+        on = (t % n_blocks) * BN + tl.arange(0, BN)
         ok = tl.arange(0, KP)
         h = tl.load(h_ptr + g * sh_g + om[:, None] * sh_m + ok[None, :] * sh_k,
                     mask=(om[:, None] < M) & (ok[None, :] < K), other=0.0)
@@ -60,18 +63,20 @@ if triton is not None:
         tl.store(yp, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     def _down(h_ptr, x_ptr, a_ptr, M, D, K, sh_g, sh_m, sh_k, sx_g, sx_m, sx_d, sa_g, sa_k, sa_d,
-              DOT_F32: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-              KP: tl.constexpr, ACC_F64: tl.constexpr = False):
+              DOT_F32: tl.constexpr, IEEE: tl.constexpr, ACC_F64: tl.constexpr, BM: tl.constexpr,
+              BD: tl.constexpr, KP: tl.constexpr):
         """h[g, m, k] = sum_d x[g, m, d] A[g, k, d] for BM rows of one group, reducing d in BD chunks."""
-        pid, g = tl.program_id(0), tl.program_id(1).to(tl.int64)  # int64: offsets of large batches
-        om = pid * BM + tl.arange(0, BM)
+        tiles = (M + BM - 1) // BM
+        pid = tl.program_id(0).to(tl.int64)
+        g = pid // tiles
+        om = (pid % tiles) * BM + tl.arange(0, BM)
         ok = tl.arange(0, KP)
-        if ACC_F64:  # float64 tensors (tests on CPU) keep their precision
+        if ACC_F64:  # float64 tensors keep their precision (the loop-carried type must match the dots')
             acc = tl.full((BM, KP), 0.0, tl.float64)  # (tl.zeros is a jit function the interpreter cannot call)
         else:
             acc = tl.full((BM, KP), 0.0, tl.float32)
         for d0 in range(0, D, BD):
-            od = d0 + tl.arange(0, BD)
+            od = d0 + tl.arange(0, BD).to(tl.int64)
             x = tl.load(x_ptr + g * sx_g + om[:, None] * sx_m + od[None, :] * sx_d,
                         mask=(om[:, None] < M) & (od[None, :] < D), other=0.0)
             at = tl.load(a_ptr + g * sa_g + ok[None, :] * sa_k + od[:, None] * sa_d,
@@ -85,22 +90,49 @@ if triton is not None:
         tl.store(h_ptr + g * sh_g + om[:, None] * sh_m + ok[None, :] * sh_k, acc.to(h_ptr.dtype.element_ty),
                  mask=(om[:, None] < M) & (ok[None, :] < K))
 
-    _TILES = [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
-              for bm, bn, w in ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 256, 4))]
-    _up_add_cuda = triton.autotune(_TILES, key=["N", "K"], restore_value=["y_ptr"])(triton.jit(_up_add))
+    _up_add_cuda = triton.autotune(
+        [triton.Config({"BM": bm, "BN": bn}, num_warps=w)
+         for bm, bn, w in ((64, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4), (32, 256, 4))],
+        key=["N", "K"], restore_value=["y_ptr"])(triton.jit(_up_add))
     _down_cuda = triton.autotune(
-        [triton.Config({"BM": bm, "BD": bd}, num_warps=w) for bm, bd, w in ((64, 64, 4), (128, 64, 8), (64, 128, 4))],
+        [triton.Config({"BM": bm, "BD": bd}, num_warps=w)
+         for bm, bd, w in ((32, 128, 4), (64, 64, 4), (128, 64, 8), (64, 128, 4))],
         key=["D", "K"])(triton.jit(_down))
     _up_add_cpu, _down_cpu = InterpretedFunction(_up_add), InterpretedFunction(_down)
 
+MAX_RANK = 128
+"""Widest branch (summed ranks) a kernel takes in one tile; wider ones go to the batched matmuls (a
+256-wide tile already needs most of an H100's shared memory)."""
+
+INTERPRETER_SINCE = (3, 9)
+"""Triton's interpreter runs these kernels on CPU from 3.9 on: older ones fail on numpy >= 2.4 (a loop
+bound read from a 1-element array) and 3.5 leaves ``triton.language`` patched, breaking later compiles."""
+
+
+def runs_on(device_type: str) -> bool:
+    """Whether the kernels run on tensors of this device type: compiled on CUDA, interpreted on CPU."""
+    if triton is None:
+        return False
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    return device_type == "cpu" and version >= INTERPRETER_SINCE
+
 
 def _half(t: torch.Tensor) -> bool:
-    """Half-precision tiles are multiplied in float32 in the interpreter (its ``tl.dot`` mishandles them)."""
     return t.dtype in (torch.bfloat16, torch.float16)
 
 
 def _padded(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
+
+
+def _precision(t: torch.Tensor) -> dict:
+    """On CUDA: full-precision dots for float32/64 operands; in the interpreter half-precision tiles are
+    multiplied in float32 (its ``tl.dot`` mishandles them)."""
+    if t.is_cuda:
+        return {"DOT_F32": False, "IEEE": not _half(t)}
+    return {"DOT_F32": _half(t), "IEEE": False}
 
 
 def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, accumulate: bool = True) -> torch.Tensor:
@@ -109,15 +141,16 @@ def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, accumulate: bool 
     K = h.shape[2]
     if M == 0 or N == 0:
         return y
-    if K == 0:
-        return y if accumulate else y.zero_()
+    if K == 0 or K > MAX_RANK:
+        if K == 0:
+            return y if accumulate else y.zero_()
+        return y.baddbmm_(h, B.transpose(1, 2), beta=1 if accumulate else 0)
     args = (y, h, B, M, N, K, *y.stride(), *h.stride(), *B.stride())
+    meta = dict(ACCUMULATE=accumulate, KP=_padded(K), **_precision(h))
     if y.is_cuda:
-        grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]), G)  # noqa: E731
-        _up_add_cuda[grid](*args, ACCUMULATE=accumulate, DOT_F32=False, IEEE=not _half(y), KP=_padded(K))
+        _up_add_cuda[lambda c: (G * triton.cdiv(M, c["BM"]) * triton.cdiv(N, c["BN"]),)](*args, **meta)
     else:
-        _up_add_cpu[(triton.cdiv(M, 32) * triton.cdiv(N, 64), G)](*args, ACCUMULATE=accumulate, DOT_F32=_half(y),
-                                                                   IEEE=False, BM=32, BN=64, KP=_padded(K))
+        _up_add_cpu[(G * triton.cdiv(M, 32) * triton.cdiv(N, 64),)](*args, BM=32, BN=64, **meta)
     return y
 
 
@@ -130,16 +163,17 @@ def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """``x @ A^T`` per group: (G, M, in) x (G, K, in) -> (G, M, K)."""
     G, M, D = x.shape
     K = A.shape[1]
+    if K > MAX_RANK:
+        return torch.bmm(x, A.transpose(1, 2))
     h = x.new_empty(G, M, K)
     if M == 0 or K == 0:
         return h
     if D == 0:
         return h.zero_()
     args = (h, x, A, M, D, K, *h.stride(), *x.stride(), *A.stride())
+    meta = dict(ACC_F64=x.dtype == torch.float64, KP=_padded(K), **_precision(x))
     if x.is_cuda:
-        _down_cuda[lambda meta: (triton.cdiv(M, meta["BM"]), G)](*args, DOT_F32=False, IEEE=not _half(x),
-                                                                 KP=_padded(K))
+        _down_cuda[lambda c: (G * triton.cdiv(M, c["BM"]),)](*args, **meta)
     else:
-        _down_cpu[(triton.cdiv(M, 32), G)](*args, DOT_F32=_half(x), IEEE=False, BM=32, BD=32, KP=_padded(K),
-                                           ACC_F64=x.dtype == torch.float64)
+        _down_cpu[(G * triton.cdiv(M, 32),)](*args, BM=32, BD=32, **meta)
     return h

@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from mta_ray.core.lora import Lora, LoraPair, adapts_all_linear
 from mta_ray.engine import lora_kernels
@@ -195,6 +196,7 @@ class _KernelDown(torch.autograd.Function):
         return lora_kernels.down(x, A)
 
     @staticmethod
+    @once_differentiable  # raw kernels: a second derivative would silently lose terms
     def backward(ctx, dh):
         x, A = ctx.saved_tensors
         dx = lora_kernels.up(dh, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None
@@ -210,6 +212,7 @@ class _KernelUpAdd(torch.autograd.Function):
         return lora_kernels.up_add_(y, h, B)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         h, B = ctx.saved_tensors
         dh = lora_kernels.down(dy, B.transpose(1, 2)) if ctx.needs_input_grad[1] else None
@@ -223,7 +226,8 @@ LORA_OPS = {ops.name: ops for ops in (BMM_OPS, TritonBranchOps())}
 
 
 def lora_ops(name: str) -> BranchOps:
-    """The branch ops of a ``lora_kernel`` name; ``triton`` needs the triton package (CUDA torch has it)."""
+    """The branch ops of a ``lora_kernel`` name; ``triton`` needs the triton package (CUDA torch has it).
+    On CPU tensors the kernels run in Triton's interpreter: for tests, far too slow to train with."""
     if name not in LORA_OPS:
         raise ValueError(f"lora_kernel must be one of {sorted(LORA_OPS)}, not {name!r}")
     if name == "triton" and not lora_kernels.available():
