@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from mta_ray.engine import lora_kernels  # noqa: E402
-from mta_ray.engine.multilora import BMM_OPS, lora_ops  # noqa: E402
+from mta_ray.engine.lora_kernels import BMM_OPS, lora_ops  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SHAPES = [  # groups, rows per group, out, rank, in; ranks up to a 128-wide tile, and one past it (batched matmuls)

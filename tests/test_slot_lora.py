@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mta_ray.engine import lora_kernels
-from mta_ray.engine.multilora import (SlotRouter, _concatenated, equal_runs, inject, lora_ops, restore, set_merged,
-                                      set_stacked, slot_linear, slot_linear_backward, target_module_names)
+from mta_ray.engine.lora_kernels import lora_ops
+from mta_ray.engine.multilora import (SlotRouter, _concatenated, equal_runs, inject, restore, set_merged, set_stacked,
+                                      slot_linear, slot_linear_backward, target_module_names)
 from tests.tiny import random_lora, tiny_llama, tiny_qwen2
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -1,4 +1,6 @@
-"""Triton kernels for the multi-slot LoRA branches: the down-projection and the in-place up-projection.
+"""How the multi-slot LoRA branches are computed: the down-projection and the in-place up-projection, by
+torch's batched matmuls (``BranchOps``, the reference) or by Triton kernels (``TritonBranchOps``); the
+router carries one (``lora_ops``).
 
 The reference path (``torch.bmm`` / ``baddbmm_``) ran the branches at 14.7% of GPU time on the 8B shape
 (``bench/results/profile-llama3-8b-h100-shared-16f.txt``): ``baddbmm_`` averaged 484 us a call, about
@@ -19,6 +21,7 @@ the interpreter's ``tl.dot`` mishandles bfloat16, so there half-precision tiles 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
@@ -177,3 +180,88 @@ def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     else:
         _down_cpu[(G * triton.cdiv(M, 32),)](*args, BM=32, BD=32, **meta)
     return h
+
+
+class BranchOps:
+    """How the LoRA branches are computed, per group g (slot or row): ``down(x, A) = x A^T`` (G, M, in) x
+    (G, K, in) -> (G, M, K); ``up_add_(y, h, B)``: ``y += h B^T`` in place, B (G, out, K), returns y;
+    ``up(h, B) = h B^T``. The reference: torch's batched matmuls, differentiated by autograd as they are."""
+
+    name = "bmm"
+
+    @staticmethod
+    def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(x, A.transpose(1, 2))
+
+    @staticmethod
+    def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return y.baddbmm_(h, B.transpose(1, 2))
+
+    @staticmethod
+    def up(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(h, B.transpose(1, 2))
+
+
+class TritonBranchOps(BranchOps):
+    """The same operations by this module's kernels (factor gradients stay
+    batched matmuls: they reduce over rows into a small matrix)."""
+
+    name = "triton"
+
+    @staticmethod
+    def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        return _KernelDown.apply(x, A)
+
+    @staticmethod
+    def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return _KernelUpAdd.apply(y, h, B)
+
+    @staticmethod
+    def up(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return up(h, B)
+
+
+class _KernelDown(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, A)
+        return down(x, A)
+
+    @staticmethod
+    @once_differentiable  # raw kernels: a second derivative would silently lose terms
+    def backward(ctx, dh):
+        x, A = ctx.saved_tensors
+        dx = up(dh, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        dA = torch.bmm(dh.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        return dx, dA
+
+
+class _KernelUpAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(h, B)
+        return up_add_(y, h, B)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        h, B = ctx.saved_tensors
+        dh = down(dy, B.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        dB = torch.bmm(dy.transpose(1, 2), h) if ctx.needs_input_grad[2] else None
+        return dy, dh, dB
+
+
+BMM_OPS = BranchOps()
+LORA_OPS = {ops.name: ops for ops in (BMM_OPS, TritonBranchOps())}
+"""``lora_kernel`` names: ``bmm`` (the reference) and ``triton`` (measured before it becomes a default)."""
+
+
+def lora_ops(name: str) -> BranchOps:
+    """The branch ops of a ``lora_kernel`` name; ``triton`` needs the triton package (CUDA torch has it).
+    On CPU tensors the kernels run in Triton's interpreter: for tests, far too slow to train with."""
+    if name not in LORA_OPS:
+        raise ValueError(f"lora_kernel must be one of {sorted(LORA_OPS)}, not {name!r}")
+    if name == "triton" and not available():
+        raise ValueError("lora_kernel=triton needs the triton package (pip install triton)")
+    return LORA_OPS[name]

@@ -28,10 +28,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from mta_ray.core.lora import Lora, LoraPair, adapts_all_linear
-from mta_ray.engine import lora_kernels
+from mta_ray.engine.lora_kernels import BMM_OPS, BranchOps
 
 # Autograd adds each factor's gradient in place into its view of the flat gradient (FlatFactors); a
 # strided view cannot meet autograd's gradient "layout contract", which costs only the speed of that add.
@@ -148,91 +147,6 @@ def slot_linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         dA.index_add_(0, index, torch.bmm(dh.transpose(1, 2), xs))
         dB.index_add_(0, index, torch.bmm(dys.transpose(1, 2), h))
     return dx.reshape(x.shape), dA, dB
-
-
-class BranchOps:
-    """How the LoRA branches are computed, per group g (slot or row): ``down(x, A) = x A^T`` (G, M, in) x
-    (G, K, in) -> (G, M, K); ``up_add_(y, h, B)``: ``y += h B^T`` in place, B (G, out, K), returns y;
-    ``up(h, B) = h B^T``. The reference: torch's batched matmuls, differentiated by autograd as they are."""
-
-    name = "bmm"
-
-    @staticmethod
-    def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(x, A.transpose(1, 2))
-
-    @staticmethod
-    def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return y.baddbmm_(h, B.transpose(1, 2))
-
-    @staticmethod
-    def up(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(h, B.transpose(1, 2))
-
-
-class TritonBranchOps(BranchOps):
-    """The same operations by the kernels of :mod:`mta_ray.engine.lora_kernels` (factor gradients stay
-    batched matmuls: they reduce over rows into a small matrix)."""
-
-    name = "triton"
-
-    @staticmethod
-    def down(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        return _KernelDown.apply(x, A)
-
-    @staticmethod
-    def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return _KernelUpAdd.apply(y, h, B)
-
-    @staticmethod
-    def up(h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return lora_kernels.up(h, B)
-
-
-class _KernelDown(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, A)
-        return lora_kernels.down(x, A)
-
-    @staticmethod
-    @once_differentiable  # raw kernels: a second derivative would silently lose terms
-    def backward(ctx, dh):
-        x, A = ctx.saved_tensors
-        dx = lora_kernels.up(dh, A.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-        dA = torch.bmm(dh.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
-        return dx, dA
-
-
-class _KernelUpAdd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, h: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(h, B)
-        return lora_kernels.up_add_(y, h, B)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        h, B = ctx.saved_tensors
-        dh = lora_kernels.down(dy, B.transpose(1, 2)) if ctx.needs_input_grad[1] else None
-        dB = torch.bmm(dy.transpose(1, 2), h) if ctx.needs_input_grad[2] else None
-        return dy, dh, dB
-
-
-BMM_OPS = BranchOps()
-LORA_OPS = {ops.name: ops for ops in (BMM_OPS, TritonBranchOps())}
-"""``lora_kernel`` names: ``bmm`` (the reference) and ``triton`` (measured before it becomes a default)."""
-
-
-def lora_ops(name: str) -> BranchOps:
-    """The branch ops of a ``lora_kernel`` name; ``triton`` needs the triton package (CUDA torch has it).
-    On CPU tensors the kernels run in Triton's interpreter: for tests, far too slow to train with."""
-    if name not in LORA_OPS:
-        raise ValueError(f"lora_kernel must be one of {sorted(LORA_OPS)}, not {name!r}")
-    if name == "triton" and not lora_kernels.available():
-        raise ValueError("lora_kernel=triton needs the triton package (pip install triton)")
-    return LORA_OPS[name]
 
 
 class _SplitLast(torch.autograd.Function):

@@ -25,7 +25,8 @@ from mta_ray.config import LoraTrainConfig
 from mta_ray.core.lora import Lora
 from mta_ray.core.optim import adamw_coefficients, adamw_rows_
 from mta_ray.engine.fused import apply_fused
-from mta_ray.engine.multilora import FlatFactors, equal_runs, inject, lora_ops, restore, set_merged, set_stacked
+from mta_ray.engine.lora_kernels import lora_ops
+from mta_ray.engine.multilora import FlatFactors, equal_runs, inject, restore, set_merged, set_stacked
 
 IGNORE = -100
 

@@ -82,14 +82,14 @@ def kept_vs_this_run(result: dict, folds: int) -> dict[str, Any]:
     methods (same settings, same bank size): how far two runs of one setting differ, which the kept curve
     must be read with. Empty when no such row was kept."""
     row = next((r for r in result["bank_size"] if r.get("from_earlier_run") and r["folds"] == folds), None)
+    if row is None:
+        return {}
     systems = result["protocols"].get("paper", {}).get("systems", {})
     metric = result["metric"]
     now = {PROPOSED: systems[PAPER]["metrics"][metric]} if PAPER in systems else {}
     for r in systems.values():
         if r["method"] in ABLATIONS:
             now.setdefault(r["method"], r["metrics"][metric])
-    if row is None:
-        return {}
     pairs = {m: {"this_run": now[m], "kept": row["methods"][m]["metrics"][metric]}
              for m in AROUND_MTA if m in now and m in row["methods"]}
     return {"folds": folds, "methods": pairs} if pairs else {}
