@@ -218,15 +218,15 @@ def test_schedule_and_windows():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fused", [False, True])
-def test_cuda_pass_without_host_waits_trains_like_cpu(fused):
+@pytest.mark.parametrize("fused,kernel", [(False, "bmm"), (True, "bmm"), (True, "triton")])
+def test_cuda_pass_without_host_waits_trains_like_cpu(fused, kernel):
     """On CUDA the pass copies its inputs from pinned memory without blocking and reads losses back once per
     optimizer step; the users still train as on the CPU (fp32; with or without the compiled kernels and the
-    fused gated MLP)."""
+    fused gated MLP; the LoRA branches by batched matmuls or the Triton kernels)."""
     cpu = {r.user_id: r for r in MultiSlotTrainer(tiny_llama(), CFG, slots=2, merged_rank=8, max_rows=3).run(_jobs())}
     gpu_model = tiny_llama().cuda()
     gpu = {r.user_id: r for r in MultiSlotTrainer(gpu_model, CFG, slots=2, merged_rank=8, max_rows=3,
-                                                  fused=fused).run(_jobs())}
+                                                  fused=fused, lora_kernel=kernel).run(_jobs())}
     assert set(gpu) == set(cpu)
     for user, want in cpu.items():
         got = gpu[user]

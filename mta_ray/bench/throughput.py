@@ -16,6 +16,7 @@ computed (our trainer applies it to target tokens only).
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ def _run_variant(model: Any, cfg: Config, device: str, variant: Variant, merged_
         return {**variant.describe(), **fig}
     except torch.OutOfMemoryError:
         return {**variant.describe(), "error": "out of memory"}
+    except Exception as exc:  # a variant that fails (a kernel that does not compile here) is a result too
+        traceback.print_exc()
+        return {**variant.describe(), "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     finally:
         if trainer is not None:
             trainer.close()
