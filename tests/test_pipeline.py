@@ -87,6 +87,18 @@ def test_evaluation_in_user_batches_gives_the_same_report(run_dir, tiny_model_di
     assert batched["comparisons"].keys() == whole["comparisons"].keys()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the Triton kernels run")
+def test_triton_kernels_on_a_worker_without_gpu_are_an_input_error(run_dir, tiny_model_dir, tmp_path, capsys):
+    """adapt.lora_kernel=triton on CPU workers would train in Triton's interpreter (hours): refused in one line."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("adapters"))
+    assert main(["personalize", DEMO, "--out", str(copy), f"model.base={tiny_model_dir}", *SMALL,
+                 "adapt.lora_kernel=triton"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "adapt.lora_kernel: triton runs on CUDA GPUs only" in err[-1] and "Traceback" not in "".join(err)
+    assert not list((copy / "adapters" / "mta").glob("index-*.parquet"))
+
+
 def test_rerun_skips_finished_work(run_dir, tiny_model_dir, capsys):
     assert main(["personalize", DEMO, "--out", str(run_dir), f"model.base={tiny_model_dir}", *SMALL]) == 0
     assert "'skipped': True" in capsys.readouterr().out

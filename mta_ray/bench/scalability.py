@@ -220,7 +220,9 @@ def _settings_hash(cfg: Config, device: str) -> str:
     for volatile in ("systems", "scalability_users", "study_report", "prompt_lengths", "memory_users", "gpu_counts",
                      "replot"):
         b.pop(volatile)
-    payload = {"device": device, "bench": b, "bank": asdict(cfg.bank), "adapt": asdict(cfg.adapt),
+    adapt = asdict(cfg.adapt)
+    adapt.pop("lora_kernel")  # not what runs: bench.variants names the trainer's kernel
+    payload = {"device": device, "bench": b, "bank": asdict(cfg.bank), "adapt": adapt,
                "oppu": asdict(cfg.oppu), "merge": asdict(cfg.merge), "seed": cfg.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -30,6 +30,7 @@ from mta_ray.core.tasks import get_task
 from mta_ray.engine.continuous import ContinuousTrainer
 from mta_ray.engine.encoding import encode_prompt, job_examples
 from mta_ray.engine.trainer import Job, MultiSlotTrainer
+from mta_ray.errors import InputError
 from mta_ray.files.layout import anchor_paths
 from mta_ray.files.peft_format import load_peft
 from mta_ray.files.store import AdapterStore, pack
@@ -160,14 +161,19 @@ class ModelWorker:
         merged_targets = list(cfg.bank.target_modules) if merges else None  # the merged LoRA covers the bank's
         slots, max_rows = max(1, cfg.adapt.slots), cfg.adapt.max_rows
 
+        kernel = cfg.adapt.lora_kernel
+        if kernel == "triton" and self.device != "cuda":
+            raise InputError("adapt.lora_kernel", f"triton runs on CUDA GPUs only and worker {self.node()} "
+                                                  "has none (set adapt.lora_kernel=bmm)")
+
         def build() -> MultiSlotTrainer:
             return MultiSlotTrainer(self.model, tcfg, slots=slots, merged_rank=R,
                                     pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, max_rows=max_rows,
-                                    merged_targets=merged_targets)
+                                    merged_targets=merged_targets, lora_kernel=kernel)
 
         # Calls with equal training settings share the running trainer (and its slots).
         queued = time.time()
-        key = repr((tcfg, R, merged_targets, slots, max_rows, cfg.seed))
+        key = repr((tcfg, R, merged_targets, slots, max_rows, cfg.seed, kernel))
         results = self._trainer.train(key, jobs, build)
         precision = storage_precision(cfg, kind)
         out = [{"user_id": r.user_id, "lora": pack(r.lora, precision) if packed and r.lora is not None else r.lora,
