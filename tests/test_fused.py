@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mta_ray.engine.fused import apply_fused
+from mta_ray.engine.fused import apply_fused, rotary, static_last_dims
 from tests.tiny import tiny_gemma, tiny_llama, tiny_qwen2
 
 
@@ -36,3 +36,30 @@ def test_compiled_kernels_match_and_train():
         assert emb.grad is not None and torch.isfinite(emb.grad).all()
     finally:
         undo()
+
+
+@pytest.mark.slow
+def test_compiled_kernels_keep_widths_static_and_rows_dynamic():
+    """One compile serves every batch and sequence length; a new head width compiles anew (a symbolic width
+    made the slices' index arithmetic several times slower than memory bandwidth on a GPU)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    rope = static_last_dims(torch.compile(rotary, backend=counter, dynamic=True))
+
+    def call(batch, heads, seq, width):
+        q, k = torch.randn(batch, heads, seq, width), torch.randn(batch, 1, seq, width)
+        cos, sin = torch.randn(batch, seq, width), torch.randn(batch, seq, width)
+        got = rope(q, k, cos, sin)
+        for g, w in zip(got, rotary(q, k, cos, sin)):
+            assert torch.allclose(g, w, atol=1e-6)
+
+    call(2, 4, 9, 16)
+    call(3, 4, 5, 16)
+    call(4, 4, 13, 16)  # (not 1: torch specialises sizes of 1)
+    assert counter.frame_count == 1
+    call(2, 4, 9, 32)
+    assert counter.frame_count == 2
+    call(3, 4, 7, 32)
+    assert counter.frame_count == 2

@@ -115,13 +115,17 @@ class FusedMLP(nn.Module):
         return down(self.halves_fn(gate_up))
 
 
-def _static_width(fn: Callable) -> Callable:
-    """Compile for a fixed last dimension (rows stay dynamic): with a symbolic width, the halves' index
-    arithmetic made the kernels 2.5-3.5x slower than memory bandwidth (H100 profile)."""
+def static_last_dims(fn: Callable) -> Callable:
+    """Compile for fixed last dimensions (batch, rows and sequence stay dynamic). With a symbolic width the
+    index arithmetic of slices made the kernels far slower than memory bandwidth on an H100: the SiLU halves
+    2.5-3.5x, rotary's ``rotate_half`` ~8x (911 us a call where streaming q and k takes ~110 us,
+    ``profile-llama3-8b-h100-kernels-16ft.txt``). Widths are fixed per model: one compile each."""
 
-    def call(gate_up: torch.Tensor) -> torch.Tensor:
-        torch._dynamo.mark_static(gate_up, gate_up.dim() - 1)
-        return fn(gate_up)
+    def call(*args: object, **kwargs: object) -> object:
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim():
+                torch._dynamo.mark_static(a, a.dim() - 1)
+        return fn(*args, **kwargs)
 
     return call
 
@@ -134,9 +138,8 @@ def _is_silu_mlp(module: nn.Module) -> bool:
 
 def apply_fused(model: nn.Module, compile: bool = True) -> Callable[[], None]:
     """Swap RMSNorm/MLP modules and the rotary function for fused ones; returns an undo function."""
-    wrap = (lambda f: torch.compile(f, dynamic=True)) if compile else (lambda f: f)
-    norm_fn, mlp_fn, rope_fn = wrap(rms_norm), wrap(silu_mul), wrap(rotary)
-    halves_fn = _static_width(wrap(silu_mul_halves)) if compile else silu_mul_halves
+    wrap = (lambda f: static_last_dims(torch.compile(f, dynamic=True))) if compile else (lambda f: f)
+    norm_fn, mlp_fn, rope_fn, halves_fn = wrap(rms_norm), wrap(silu_mul), wrap(rotary), wrap(silu_mul_halves)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
