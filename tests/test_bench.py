@@ -18,6 +18,8 @@ def test_bench_throughput_debug_size(tmp_path, capsys):
     assert code == 0
     profile = (tmp_path / "profile.txt").read_text()          # the best variant's ops, then by input shape
     assert "aten::mm" in profile and "By input shape:" in profile and "[[" in profile.split("By input shape:")[1]
+    by_source = profile.split("By source")[1]           # ops named by the line, or the backward node, that ran them
+    assert "mta_ray/engine/multilora.py(" in by_source and "backward of " in by_source and " at 0x" not in by_source
     (path,) = tmp_path.glob("throughput-tiny-*.json")
     result = json.loads(path.read_text())
     base = result["baseline_peft_one_at_a_time"]

@@ -15,7 +15,9 @@ computed (our trainer applies it to target tokens only).
 
 from __future__ import annotations
 
+import collections
 import json
+import re
 import traceback
 from dataclasses import asdict
 from pathlib import Path
@@ -107,12 +109,12 @@ def run_throughput(cfg: Config, out: Path, profile: bool = False) -> dict[str, A
                              "budget_gib": b.memory_budget_gib} if fits else None),
     }
     out.mkdir(parents=True, exist_ok=True)
-    if profile and best:
-        _profile(model, cfg, device, Variant.parse(best["variant"]), merged_rank, out)
     path = out / f"throughput-{slug(result['model'])}-{slug(name)}.json"
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")  # before profiling: a profile never costs it
     print(f"  speedup (best variant {result['best_variant']} vs baseline): {result['speedup_users_per_hour']}x "
           f"-> {path}", flush=True)
+    if profile and best:
+        _profile(model, cfg, device, Variant.parse(best["variant"]), merged_rank, out)
     return result
 
 
@@ -150,7 +152,9 @@ def _run_variant(model: Any, cfg: Config, device: str, variant: Variant, merged_
 
 
 def _profile(model: Any, cfg: Config, device: str, variant: Variant, merged_rank: int, out: Path) -> None:
-    """Where the time goes: a torch.profiler table of one round of the variant's users."""
+    """Where the time goes: torch.profiler tables of one round of the variant's users, written to
+    ``profile.txt``: by op, by op and input shape, and by the lines of code that launched them."""
+    from torch._C._profiler import _ExperimentalConfig
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -159,18 +163,67 @@ def _profile(model: Any, cfg: Config, device: str, variant: Variant, merged_rank
     jobs = synthetic_jobs(model, cfg, variant.slots, offset=30_000)  # made before the trainer wraps the layers
     trainer = variant.trainer(model, cfg.adapt, merged_rank=merged_rank, seed=cfg.seed,
                               merged_targets=cfg.bank.target_modules)
-    try:
-        with profile(activities=acts, record_shapes=True) as prof:
+    try:  # verbose stacks: Python frames, so each op can be traced to the line that ran it
+        with profile(activities=acts, record_shapes=True, with_stack=True,
+                     experimental_config=_ExperimentalConfig(verbose=True)) as prof:
             trainer.run(jobs)
             sync(device)
-        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-        table = prof.key_averages().table(sort_by=key, row_limit=40)
-        # the same ops by input shape: which layer's copy or matmul the time is (what the next kernel targets)
-        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=60,
-                                                                      max_shapes_column_width=100)
-        atomic_write_text(out / "profile.txt", table + "\n\nBy input shape:\n" + by_shape)
+        table, text = _profile_tables(prof, device)
+        atomic_write_text(out / "profile.txt", text)
         print(table[:6000], flush=True)
     finally:
         trainer.close()
         if variant.checkpointing:
             model.gradient_checkpointing_disable()
+
+
+def _profile_tables(prof: Any, device: str) -> tuple[str, str]:
+    """(the op table, all three tables). The Python frames the stacks record are events of their own: left
+    out, so the tables rank ops only."""
+    from torch.autograd.profiler_util import EventList
+
+    frames = {e.name for e in prof.events() if e.is_python_function}
+
+    def ops(averages: Any) -> EventList:
+        return EventList([a for a in averages if a.key not in frames], use_device="cuda" if device == "cuda" else None)
+
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    table = ops(prof.key_averages()).table(sort_by=key, row_limit=40)
+    # the same ops by input shape: which layer's copy or matmul the time is (what the next kernel targets)
+    by_shape = ops(prof.key_averages(group_by_input_shape=True)).table(sort_by=key, row_limit=60,
+                                                                       max_shapes_column_width=100)
+    return table, (table + "\n\nBy input shape:\n" + by_shape + "\n\nBy source:\n" + by_source(prof, device))
+
+
+def by_source(prof: Any, device: str, frames: int = 4, rows: int = 50) -> str:
+    """Ops by the lines of code that launched them, by self time (which copy or elementwise kernel is whose).
+    Object addresses are dropped from the frames so that one line is one row; ops that autograd's backward
+    runs show the backward engine, not the forward line."""
+    from torch.autograd import DeviceType
+
+    cuda = device == "cuda"
+    totals: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.is_python_function or e.device_type != DeviceType.CPU:
+            continue  # Python frames are events too; kernels are counted in the op that launched them
+        spent = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if spent > 0:
+            where = " < ".join(re.sub(r" (object )?at 0x[0-9a-f]+", "", f) for f in (e.stack or [])[:frames])
+            if "run_backward" in where.split(" < ")[0]:  # ops of the backward engine itself: name the node
+                where = f"backward of {_autograd_node(e)}"
+            totals[(e.name, where)][0] += spent
+            totals[(e.name, where)][1] += 1
+    whole = sum(t for t, _ in totals.values()) or 1.0
+    unit = "self GPU" if cuda else "self CPU"
+    lines = [f"{unit:>8} share  calls  op  <-  code (innermost first)"]
+    for (name, where), (spent, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"{spent / 1e3:9.1f}ms {spent / whole:6.1%} {calls:6d}  {name}  <-  {where or '(no frames)'}")
+    return "\n".join(lines) + "\n"
+
+
+def _autograd_node(event: Any) -> str:
+    """The autograd node (``MmBackward0``...) whose evaluation ran ``event``, or ``?``."""
+    prefix = "autograd::engine::evaluate_function: "
+    while event is not None and not event.name.startswith(prefix):
+        event = event.cpu_parent
+    return event.name[len(prefix):] if event is not None else "?"
