@@ -197,8 +197,8 @@ def _profile_tables(prof: Any, device: str) -> tuple[str, str]:
 
 def by_source(prof: Any, device: str, frames: int = 4, rows: int = 50) -> str:
     """Ops by the lines of code that launched them, by self time (which copy or elementwise kernel is whose).
-    Object addresses are dropped from the frames so that one line is one row; ops that autograd's backward
-    runs show the backward engine, not the forward line."""
+    Object addresses are dropped from the frames so that one line is one row; the backward engine's own ops
+    (gradient accumulation, copies between nodes) have no line of ours and are named by their autograd node."""
     from torch.autograd import DeviceType
 
     cuda = device == "cuda"
