@@ -139,7 +139,7 @@ def _run_variant(model: Any, cfg: Config, device: str, variant: Variant, merged_
         return {**variant.describe(), "error": "out of memory"}
     except Exception as exc:  # a variant that fails (a kernel that does not compile here) is a result too
         traceback.print_exc()
-        return {**variant.describe(), "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        return {**variant.describe(), "error": f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"}
     finally:
         if trainer is not None:
             trainer.close()

@@ -54,6 +54,8 @@ if triton is not None:
                     mask=(om[:, None] < M) & (ok[None, :] < K), other=0.0)
         bt = tl.load(b_ptr + g * sb_g + on[None, :] * sb_n + ok[:, None] * sb_k,
                      mask=(on[None, :] < N) & (ok[:, None] < K), other=0.0)
+        # (the same precision choice is spelled out again in _down: a @triton.jit helper would compile, but
+        # the interpreter that runs these kernels on CPU cannot call one)
         if DOT_F32:
             h, bt = h.to(tl.float32), bt.to(tl.float32)
         if IEEE:  # float32 tensors: full precision, as torch's matmuls (no TF32)
@@ -145,9 +147,9 @@ def up_add_(y: torch.Tensor, h: torch.Tensor, B: torch.Tensor, accumulate: bool 
     K = h.shape[2]
     if M == 0 or N == 0:
         return y
-    if K == 0 or K > MAX_RANK:
-        if K == 0:
-            return y if accumulate else y.zero_()
+    if K == 0:
+        return y if accumulate else y.zero_()
+    if K > MAX_RANK:
         return y.baddbmm_(h, B.transpose(1, 2), beta=1 if accumulate else 0)
     args = (y, h, B, M, N, K, *y.stride(), *h.stride(), *B.stride())
     meta = dict(ACCUMULATE=accumulate, KP=_padded(K), **_precision(h))
@@ -255,7 +257,7 @@ class _KernelUpAdd(torch.autograd.Function):
 
 BMM_OPS = BranchOps()
 LORA_OPS = {ops.name: ops for ops in (BMM_OPS, TritonBranchOps())}
-"""``lora_kernel`` names: ``bmm`` (the reference) and ``triton`` (measured before it becomes a default)."""
+"""``lora_kernel`` names: ``bmm`` (the reference, the default) and ``triton``."""
 
 
 def lora_ops(name: str) -> BranchOps:

@@ -44,6 +44,12 @@ def start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+def _same_alive(pid: int, started: str | None) -> bool:
+    """``pid`` is still the process that started at ``started``, and not a zombie (one read of its stat)."""
+    fields = _stat(pid)
+    return started is not None and len(fields) > 19 and fields[19] == started and fields[0] not in ("Z", "X")
+
+
 def _processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process we can see."""
     out = {}
@@ -118,7 +124,7 @@ def watch(driver: int, session_dir: str) -> None:
         polls += 1
         if polls < 120 or polls % 4 == 0:  # often while Ray starts its agents, then every 2 s
             current = session_processes(session_dir, exclude=driver)
-            known = {p: t for p, t in known.items() if start_time(p) == t}
+            known = {p: t for p, t in known.items() if _same_alive(p, t)}
             known.update({p: start_time(p) for p in current if p not in known})
             if polls >= 20 and not current:
                 _end_orphans(session_dir, known)
@@ -131,8 +137,7 @@ def watch(driver: int, session_dir: str) -> None:
 
 def _still(known: dict[int, str | None]) -> set[int]:
     """The remembered processes still alive (the same processes: pid and start time); one read each."""
-    return {p for p, t in known.items()
-            if t is not None and len(f := _stat(p)) > 19 and f[19] == t and f[0] not in ("Z", "X")}
+    return {p for p, t in known.items() if _same_alive(p, t)}
 
 
 def _end_orphans(session_dir: str, known: dict[int, str | None]) -> None:
