@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from mta_ray.bench.common import device_peak
 from mta_ray.cli import main
@@ -143,3 +144,20 @@ def test_bench_pipeline_measures_every_stage_then_scaling(tmp_path):
     assert [r["gpus"] for r in result["scaling_not_run"]] == [2]
     assert result["fits_budget"] is None and result["budget_gib"] == 44.0
     assert (tmp_path / "bench-pipeline-all.config.yaml").is_file()
+
+
+def test_python_frames_known_by_name_where_the_profiler_does_not_flag_them():
+    """Older torch (2.11 on the H100) has no ``is_python_function`` and crashed the profile: the name tells the same."""
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
+
+    from mta_ray.bench.throughput import _PYTHON_FRAME
+
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True,
+                 experimental_config=_ExperimentalConfig(verbose=True)) as prof:
+        layer(torch.randn(2, 8)).sum().backward()
+    events = prof.events()
+    if not hasattr(events[0], "is_python_function"):
+        pytest.skip("this torch does not flag Python frames: nothing to compare the names with")
+    assert any(e.is_python_function for e in events) and any(not e.is_python_function for e in events)
+    assert [e.name for e in events if bool(_PYTHON_FRAME.match(e.name)) != e.is_python_function] == []

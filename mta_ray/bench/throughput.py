@@ -182,7 +182,7 @@ def _profile_tables(prof: Any, device: str) -> tuple[str, str]:
     out, so the tables rank ops only."""
     from torch.autograd.profiler_util import EventList
 
-    frames = {e.name for e in prof.events() if e.is_python_function}
+    frames = {e.name for e in prof.events() if is_python_frame(e)}
 
     def ops(averages: Any) -> EventList:
         return EventList([a for a in averages if a.key not in frames], use_device="cuda" if device == "cuda" else None)
@@ -204,7 +204,7 @@ def by_source(prof: Any, device: str, frames: int = 4, rows: int = 50) -> str:
     cuda = device == "cuda"
     totals: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if e.is_python_function or e.device_type != DeviceType.CPU:
+        if is_python_frame(e) or e.device_type != DeviceType.CPU:
             continue  # Python frames are events too; kernels are counted in the op that launched them
         spent = e.self_device_time_total if cuda else e.self_cpu_time_total
         if spent > 0:
@@ -219,6 +219,18 @@ def by_source(prof: Any, device: str, frames: int = 4, rows: int = 50) -> str:
     for (name, where), (spent, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
         lines.append(f"{spent / 1e3:9.1f}ms {spent / whole:6.1%} {calls:6d}  {name}  <-  {where or '(no frames)'}")
     return "\n".join(lines) + "\n"
+
+
+# What a Python frame's event is called when the profiler does not say (older torch, e.g. 2.11, has no
+# ``FunctionEvent.is_python_function``): ``path.py(123): fn``, ``<frozen runpy>(88): fn``,
+# ``<built-in method ...>``, ``nn.Module: Linear_0``.
+_PYTHON_FRAME = re.compile(r"^(?:.+\.py\(\d+\): |<[^>]*>\(\d+\): |<built-in |nn\.Module: )")
+
+
+def is_python_frame(event: Any) -> bool:
+    """Whether a profiler event is a recorded Python frame rather than an op."""
+    flagged = getattr(event, "is_python_function", None)
+    return bool(flagged) if flagged is not None else bool(_PYTHON_FRAME.match(event.name))
 
 
 def _autograd_node(event: Any) -> str:
