@@ -193,7 +193,8 @@ class AdaptConfig(LoraTrainConfig):
     lora_kernel: Literal["bmm", "triton"] = "bmm"
     """How the multi-slot trainer computes the LoRA branches (every kind it trains): ``bmm`` (torch's batched
     matmuls; any device) or ``triton`` (:mod:`mta_ray.engine.lora_kernels`; CUDA GPUs only). Measured on an
-    H100: ``triton`` +5.8% users/hour on the Llama-3-8B shape, -8% on SmolLM2-135M (bench/results/README.md)."""
+    H100: ``triton`` on the Llama-3-8B shape +5.8% users/hour in one run, equal in the next; -8% on SmolLM2-135M
+    (bench/results/README.md)."""
     shard_users: int = 256
     """Users per shard of the adapter store."""
     storage_precision: Literal["bfloat16", "int8"] = "bfloat16"

@@ -182,7 +182,7 @@ def _profile_tables(prof: Any, device: str) -> tuple[str, str]:
     out, so the tables rank ops only."""
     from torch.autograd.profiler_util import EventList
 
-    frames = {e.name for e in prof.events() if is_python_frame(e)}
+    frames = {e.name for e in prof.events() if is_python_frame(e)}   # classified once, for all three tables
 
     def ops(averages: Any) -> EventList:
         return EventList([a for a in averages if a.key not in frames], use_device="cuda" if device == "cuda" else None)
@@ -192,23 +192,25 @@ def _profile_tables(prof: Any, device: str) -> tuple[str, str]:
     # the same ops by input shape: which layer's copy or matmul the time is (what the next kernel targets)
     by_shape = ops(prof.key_averages(group_by_input_shape=True)).table(sort_by=key, row_limit=60,
                                                                        max_shapes_column_width=100)
-    return table, (table + "\n\nBy input shape:\n" + by_shape + "\n\nBy source:\n" + by_source(prof, device))
+    return table, (table + "\n\nBy input shape:\n" + by_shape + "\n\nBy source:\n"
+                   + by_source(prof, device, frames))
 
 
-def by_source(prof: Any, device: str, frames: int = 4, rows: int = 50) -> str:
+def by_source(prof: Any, device: str, python_frames: set[str], depth: int = 4, rows: int = 50) -> str:
     """Ops by the lines of code that launched them, by self time (which copy or elementwise kernel is whose).
     Object addresses are dropped from the frames so that one line is one row; the backward engine's own ops
-    (gradient accumulation, copies between nodes) have no line of ours and are named by their autograd node."""
+    (gradient accumulation, copies between nodes) have no line of ours and are named by their autograd node.
+    ``python_frames``: the names of the recorded Python frames' events (events too, not ops)."""
     from torch.autograd import DeviceType
 
     cuda = device == "cuda"
     totals: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0.0, 0])
     for e in prof.events():
-        if is_python_frame(e) or e.device_type != DeviceType.CPU:
+        if e.device_type != DeviceType.CPU or e.name in python_frames:
             continue  # Python frames are events too; kernels are counted in the op that launched them
         spent = e.self_device_time_total if cuda else e.self_cpu_time_total
         if spent > 0:
-            where = " < ".join(re.sub(r" (object )?at 0x[0-9a-f]+", "", f) for f in (e.stack or [])[:frames])
+            where = " < ".join(re.sub(r" (object )?at 0x[0-9a-f]+", "", f) for f in (e.stack or [])[:depth])
             if "run_backward" in where.split(" < ")[0]:  # ops of the backward engine itself: name the node
                 where = f"backward of {_autograd_node(e)}"
             totals[(e.name, where)][0] += spent

@@ -9,8 +9,9 @@ the shapes). These kernels are written for the shapes of LoRA branches: the inne
 up-projection is the branches' rank (20-60; padded to a power of two of at least 16 for ``tl.dot``), so a
 program loads its rows' ``h`` and its columns' ``B`` once and streams its tile of ``y`` through; the
 down-projection reduces the input width in chunks into a (rows x rank) accumulator. Measured on an H100
-(``bench/results/README.md``): +5.8% users/hour on the Llama-3-8B shape, -8% on SmolLM2-135M, so the
-trainer's default stays the batched matmuls (``lora_kernel="bmm"``; ``adapt.lora_kernel`` in a run's config).
+(``bench/results/README.md``): on the Llama-3-8B shape +5.8% users/hour in one run, equal in the next;
+-8% on SmolLM2-135M; so the trainer's default stays the batched matmuls (``lora_kernel="bmm"``;
+``adapt.lora_kernel`` in a run's config).
 
 Shapes follow :func:`mta_ray.engine.multilora.slot_linear`: G groups (slots, or rows), x (G, M, in),
 A (G, K, in), h (G, M, K), B (G, out, K); any strides (transposed views are read as they lie).
